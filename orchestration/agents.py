@@ -1,0 +1,219 @@
+"""Agents: the Python callables that do a task's work, and the registry that finds them.
+
+::
+
+    from orchestration.agents import agent, Escalate, PermanentError
+
+    @agent("personal_tax_agent", task_types=["personal_tax"], max_attempts=3)
+    def prepare_return(task):
+        if "w2" not in task.payload:
+            raise Escalate("missing W-2")
+        return {"refund": 120}
+
+A handler gets a read-only :class:`TaskView` and returns a JSON-serialisable result.
+It may run more than once for one task (a worker that dies mid-call is replaced, and
+the call is made again), so outside effects should be idempotent.
+
+- ``Escalate(reason)``: a human must look; the task ends ``escalated``.
+- ``PermanentError(reason)``: fail now, no retries; the task ends ``failed``.
+- any other exception: transient; retried with backoff up to ``max_attempts``.
+
+Deployments list their agent modules in ``TASKRAIL_AGENTS``; producers and workers
+import them with :func:`load_agent_modules`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from orchestration import constants as c
+from orchestration.errors import ConfigurationError, UnknownTaskType
+
+
+class AgentSignal(Exception):  # noqa: N818 - these are outcomes, not errors
+    """Base of the outcomes an agent raises on purpose."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class Escalate(AgentSignal):
+    """A human must look at the task (missing document, inconsistent data)."""
+
+
+class PermanentError(AgentSignal):
+    """The task cannot succeed; fail it now without retrying."""
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TaskView:
+    """What a handler may see of its task. Read-only, payload included."""
+
+    id: int
+    client_id: int
+    task_type: str
+    payload: Mapping[str, Any]
+    attempt: int
+
+    @classmethod
+    def build(
+        cls, id: int, client_id: int, task_type: str, payload: Mapping[str, Any], attempt: int
+    ) -> TaskView:
+        return cls(id, client_id, task_type, _freeze(payload or {}), attempt)
+
+
+Handler = Callable[[TaskView], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """A registered agent and its per-agent settings."""
+
+    name: str
+    handler: Handler
+    task_types: tuple[str, ...]
+    max_attempts: int = c.DEFAULT_MAX_ATTEMPTS
+    time_limit_s: float = c.DEFAULT_TIME_LIMIT_S
+    fail_max: int = c.DEFAULT_FAIL_MAX
+    reset_timeout_s: float = c.DEFAULT_RESET_TIMEOUT_S
+    max_deferral_s: float = c.DEFAULT_MAX_DEFERRAL_S
+    # Exceptions that do not count as a failure of the downstream for its breaker.
+    breaker_excludes: tuple[type[BaseException], ...] = field(default=())
+
+    @property
+    def breaker_name(self) -> str:
+        return f"agent:{self.name}"
+
+
+class AgentRegistry:
+    """Agents by name and by task type. Several agents may serve one task type."""
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, AgentSpec] = {}
+        self._by_type: dict[str, list[AgentSpec]] = {}
+        self._lock = threading.Lock()
+
+    def register(self, spec: AgentSpec) -> AgentSpec:
+        with self._lock:
+            existing = self._by_name.get(spec.name)
+            if existing is not None:
+                if existing.handler is spec.handler or _same_function(existing.handler, spec.handler):
+                    return existing  # a module imported twice
+                raise ConfigurationError(f"agent {spec.name!r} is registered twice")
+            self._by_name[spec.name] = spec
+            for task_type in spec.task_types:
+                self._by_type.setdefault(task_type, []).append(spec)
+        return spec
+
+    def unregister(self, name: str) -> None:
+        with self._lock:
+            spec = self._by_name.pop(name, None)
+            if spec is None:
+                return
+            for task_type in spec.task_types:
+                specs = [s for s in self._by_type.get(task_type, []) if s.name != name]
+                if specs:
+                    self._by_type[task_type] = specs
+                else:
+                    self._by_type.pop(task_type, None)
+
+    def get(self, name: str) -> AgentSpec:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ConfigurationError(f"no agent named {name!r} is registered") from None
+
+    def find(self, name: str) -> AgentSpec | None:
+        return self._by_name.get(name)
+
+    def for_task_type(self, task_type: str) -> list[AgentSpec]:
+        """Agents for ``task_type``; raises UnknownTaskType listing the known types."""
+        specs = self._by_type.get(task_type)
+        if not specs:
+            raise UnknownTaskType(task_type, self.task_types())
+        return list(specs)
+
+    def task_types(self) -> list[str]:
+        return sorted(self._by_type)
+
+    def agents(self) -> list[AgentSpec]:
+        return sorted(self._by_name.values(), key=lambda s: s.name)
+
+
+def _same_function(a: Handler, b: Handler) -> bool:
+    return getattr(a, "__module__", None) == getattr(b, "__module__", None) and getattr(
+        a, "__qualname__", None
+    ) == getattr(b, "__qualname__", None)
+
+
+registry = AgentRegistry()
+
+
+def agent(
+    name: str,
+    *,
+    task_types: Iterable[str],
+    max_attempts: int = c.DEFAULT_MAX_ATTEMPTS,
+    time_limit_s: float = c.DEFAULT_TIME_LIMIT_S,
+    fail_max: int = c.DEFAULT_FAIL_MAX,
+    reset_timeout_s: float = c.DEFAULT_RESET_TIMEOUT_S,
+    max_deferral_s: float = c.DEFAULT_MAX_DEFERRAL_S,
+    breaker_excludes: Iterable[type[BaseException]] = (),
+) -> Callable[[Handler], Handler]:
+    """Register the decorated function as agent ``name`` for ``task_types``."""
+    types = tuple(task_types)
+    if not types:
+        raise ConfigurationError(f"agent {name!r} handles no task type")
+    if max_attempts < 1:
+        raise ConfigurationError(f"agent {name!r}: max_attempts must be >= 1")
+
+    def decorate(func: Handler) -> Handler:
+        registry.register(
+            AgentSpec(
+                name=name,
+                handler=func,
+                task_types=types,
+                max_attempts=max_attempts,
+                time_limit_s=time_limit_s,
+                fail_max=fail_max,
+                reset_timeout_s=reset_timeout_s,
+                max_deferral_s=max_deferral_s,
+                breaker_excludes=tuple(breaker_excludes),
+            )
+        )
+        return func
+
+    return decorate
+
+
+def load_agent_modules(modules: Iterable[str]) -> None:
+    """Import each module so that its ``@agent`` decorators register.
+
+    Raises ConfigurationError naming a module that cannot be imported.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigurationError(f"cannot import agent module {module!r}: {err}") from err
+
+
+def ensure_json(value: Any, what: str = "result") -> Any:
+    """``value`` if it survives a JSON round trip; raises TypeError/ValueError otherwise."""
+    json.dumps(value, allow_nan=False)
+    return value

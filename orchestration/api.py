@@ -1,0 +1,313 @@
+"""The producer API: submit work, read it back, retry what failed.
+
+::
+
+    from orchestration import api
+
+    task_id = api.submit("personal_tax", client_id=42, payload={"year": 2025})
+    api.get(task_id).status          # TaskStatus.PENDING ... COMPLETED
+    api.history(task_id)             # one EventRecord per transition
+    api.retry(task_id)               # failed -> pending, and back to the workers
+
+The module functions use one :class:`Taskrail` built from the ``TASKRAIL_*``
+environment on first use; build a :class:`Taskrail` yourself for other settings.
+A task row is committed before its first hop is sent; if the broker cannot take the
+message, the task stays pending and the sweeper sends it later (nothing is lost).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from orchestration import constants as c
+from orchestration.agents import load_agent_modules, registry
+from orchestration.db import Database
+from orchestration.dispatch import Dispatcher, make_celery
+from orchestration.errors import (
+    BrokerUnavailable,
+    InvalidClientId,
+    InvalidPayload,
+    NotRetryable,
+    TaskNotFound,
+)
+from orchestration.logging import get_logger
+from orchestration.models import TaskStatus, events_table, tasks_table, utcnow
+from orchestration.records import EventRecord, TaskRecord
+from orchestration.settings import Settings, get_settings
+from orchestration.transitions import Outcome, TransitionNotAllowed, apply_transition
+
+log = get_logger("taskrail.api")
+
+MAX_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """One item of :meth:`Taskrail.submit_many`."""
+
+    task_type: str
+    client_id: int
+    payload: Mapping[str, Any] | None = None
+    idempotency_key: str | None = None
+
+
+def _check_client_id(client_id: Any) -> int:
+    if isinstance(client_id, bool) or not isinstance(client_id, int):
+        raise InvalidClientId(client_id)
+    return client_id
+
+
+def _check_payload(payload: Any) -> dict[str, Any]:
+    if payload is None:
+        return {}
+    if not isinstance(payload, Mapping):
+        raise InvalidPayload(f"must be a JSON object, got {type(payload).__name__}")
+    try:
+        encoded = json.dumps(payload, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise InvalidPayload(f"not JSON-serialisable: {err}") from err
+    if len(encoded) > c.MAX_MESSAGE_BYTES:
+        raise InvalidPayload(f"larger than {c.MAX_MESSAGE_BYTES} bytes as JSON")
+    return json.loads(encoded)  # the stored form: keys as strings, tuples as lists
+
+
+def _check_key(key: Any) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        raise InvalidPayload(f"idempotency key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+    return key
+
+
+def _check_task_id(task_id: Any) -> int:
+    if isinstance(task_id, bool) or not isinstance(task_id, int):
+        raise TaskNotFound(task_id)
+    return task_id
+
+
+class Taskrail:
+    """A producer's handle on one database and one broker."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        db: Database | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        load_agent_modules(self.settings.agents)
+        self.db = db or Database(
+            self.settings.effective_database_url, pool_size=self.settings.db_pool_size
+        )
+        self.dispatcher = dispatcher or Dispatcher(make_celery(self.settings))
+
+    # -- writing ----------------------------------------------------------------
+
+    def submit(
+        self,
+        task_type: str,
+        client_id: int,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Record a new pending task and send its first hop; returns its id.
+
+        With an ``idempotency_key`` already used, returns that task's id and creates
+        nothing. Raises UnknownTaskType, InvalidClientId, InvalidPayload (nothing
+        written) and DatabaseUnavailable.
+        """
+        return self.submit_many(
+            [NewTask(task_type, client_id, payload, idempotency_key)]
+        )[0]
+
+    def submit_many(self, items: Iterable[NewTask | Mapping[str, Any]]) -> list[int]:
+        """Submit many tasks in one transaction; returns their ids in input order.
+
+        Every item is validated before anything is written: one bad item raises and
+        no task is created.
+        """
+        rows = []
+        for item in items:
+            new = item if isinstance(item, NewTask) else NewTask(**item)
+            registry.for_task_type(new.task_type)
+            rows.append(
+                {
+                    "client_id": _check_client_id(new.client_id),
+                    "task_type": new.task_type,
+                    "payload": _check_payload(new.payload),
+                    "idempotency_key": _check_key(new.idempotency_key),
+                }
+            )
+        if not rows:
+            return []
+        created = self._insert(rows)
+        fresh = [(task_id, row["task_type"]) for (task_id, is_new), row in zip(created, rows, strict=True) if is_new]
+        self._enqueue_first_hops(fresh)
+        return [task_id for task_id, _ in created]
+
+    def _insert(self, rows: list[dict[str, Any]]) -> list[tuple[int, bool]]:
+        """Insert ``rows``; returns (id, created) per row, resolving idempotency keys."""
+        now = utcnow()
+        for row in rows:
+            row.update(status=TaskStatus.PENDING, attempts=0, created_at=now, updated_at=now)
+        dialect = postgresql if self.db.is_postgres else sqlite
+        keyed = [row for row in rows if row["idempotency_key"] is not None]
+        with self.db.begin() as conn:
+            if not keyed:
+                stmt = dialect.insert(tasks_table).returning(tasks_table.c.id, sort_by_parameter_order=True)
+                ids = conn.execute(stmt, rows).scalars().all()
+                return [(task_id, True) for task_id in ids]
+            result: list[tuple[int, bool]] = []
+            stmt = (
+                dialect.insert(tasks_table)
+                .on_conflict_do_nothing(index_elements=["idempotency_key"])
+                .returning(tasks_table.c.id)
+            )
+            seen: dict[str, int] = {}
+            for row in rows:
+                key = row["idempotency_key"]
+                if key is not None and key in seen:
+                    result.append((seen[key], False))
+                    continue
+                new_id = conn.execute(stmt, row).scalar_one_or_none()
+                if new_id is None:
+                    new_id = conn.execute(
+                        select(tasks_table.c.id).where(tasks_table.c.idempotency_key == key)
+                    ).scalar_one()
+                    result.append((new_id, False))
+                else:
+                    result.append((new_id, True))
+                if key is not None:
+                    seen[key] = new_id
+            return result
+
+    def _enqueue_first_hops(self, tasks: list[tuple[int, str]]) -> None:
+        if not tasks:
+            return
+        try:
+            self.dispatcher.send_many(c.HOP_ASSIGN, ([task_id, task_type] for task_id, task_type in tasks))
+        except BrokerUnavailable as err:
+            log.warning(
+                "enqueue_deferred",
+                count=len(tasks),
+                first_task_id=tasks[0][0],
+                error=str(err),
+                note="tasks are recorded as pending; the sweeper will send them",
+            )
+
+    def retry(self, task_id: int) -> None:
+        """Move a failed task back to pending and send it to the workers again.
+
+        Raises TaskNotFound, NotRetryable (the task is not failed).
+        """
+        task_id = _check_task_id(task_id)
+        try:
+            outcome = apply_transition(self.db, task_id, "retry", worker="api")
+        except TransitionNotAllowed:
+            raise NotRetryable(task_id, self.get(task_id).status) from None
+        if outcome.outcome is Outcome.NOT_FOUND:
+            raise TaskNotFound(task_id)
+        if outcome.outcome is Outcome.STALE:
+            raise NotRetryable(task_id, self.get(task_id).status)
+        task = self.get(task_id)
+        self._enqueue_first_hops([(task_id, task.task_type)])
+
+    # -- reading ----------------------------------------------------------------
+
+    def get(self, task_id: int) -> TaskRecord:
+        """The task's current record. Raises TaskNotFound."""
+        task_id = _check_task_id(task_id)
+        with self.db.connect() as conn:
+            row = conn.execute(select(tasks_table).where(tasks_table.c.id == task_id)).mappings().first()
+        if row is None:
+            raise TaskNotFound(task_id)
+        return TaskRecord.from_row(row)
+
+    def history(self, task_id: int) -> list[EventRecord]:
+        """The task's transitions, oldest first. Raises TaskNotFound."""
+        task_id = _check_task_id(task_id)
+        with self.db.connect() as conn:
+            exists = conn.execute(select(tasks_table.c.id).where(tasks_table.c.id == task_id)).first()
+            if exists is None:
+                raise TaskNotFound(task_id)
+            rows = conn.execute(
+                select(events_table).where(events_table.c.task_id == task_id).order_by(events_table.c.id)
+            ).mappings().all()
+        return [EventRecord.from_row(row) for row in rows]
+
+    def counts(self) -> dict[str, int]:
+        """Number of tasks in each status (every status listed, zeros included)."""
+        with self.db.connect() as conn:
+            rows = conn.execute(
+                select(tasks_table.c.status, func.count()).group_by(tasks_table.c.status)
+            ).all()
+        counts = {status.value: 0 for status in TaskStatus}
+        counts.update({TaskStatus(status).value: n for status, n in rows})
+        return counts
+
+    def close(self) -> None:
+        self.db.dispose()
+
+
+_default: Taskrail | None = None
+_default_lock = threading.Lock()
+
+
+def client() -> Taskrail:
+    """The process-wide :class:`Taskrail`, built from the environment on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Taskrail()
+        return _default
+
+
+def reset_client() -> None:
+    """Forget the process-wide client (settings changed, tests)."""
+    global _default
+    with _default_lock:
+        if _default is not None:
+            _default.close()
+        _default = None
+
+
+def submit(
+    task_type: str,
+    client_id: int,
+    payload: Mapping[str, Any] | None = None,
+    *,
+    idempotency_key: str | None = None,
+) -> int:
+    """See :meth:`Taskrail.submit`."""
+    return client().submit(task_type, client_id, payload, idempotency_key=idempotency_key)
+
+
+def submit_many(items: Iterable[NewTask | Mapping[str, Any]]) -> list[int]:
+    """See :meth:`Taskrail.submit_many`."""
+    return client().submit_many(items)
+
+
+def get(task_id: int) -> TaskRecord:
+    """See :meth:`Taskrail.get`."""
+    return client().get(task_id)
+
+
+def history(task_id: int) -> list[EventRecord]:
+    """See :meth:`Taskrail.history`."""
+    return client().history(task_id)
+
+
+def retry(task_id: int) -> None:
+    """See :meth:`Taskrail.retry`."""
+    client().retry(task_id)
+
+

@@ -1,0 +1,105 @@
+"""Every error taskrail raises, under one root.
+
+::
+
+    TaskrailError
+    ├── InputError                 bad input from a producer or operator; nothing was written
+    │   ├── UnknownTaskType        no agent handles the task type (lists the known ones)
+    │   ├── InvalidPayload         payload is not a JSON object / not JSON-serialisable
+    │   ├── InvalidClientId        client id missing or not an integer
+    │   ├── TaskNotFound           no task with that id
+    │   └── NotRetryable           retry of a task that is not failed
+    ├── InfrastructureError        a server taskrail needs is down or not ready
+    │   ├── DatabaseUnavailable    the database cannot be reached
+    │   ├── SchemaNotReady         the database has no (current) taskrail schema
+    │   └── BrokerUnavailable      the message broker cannot be reached
+    └── ConfigurationError         settings or agent registration that cannot work
+
+Agents signal business outcomes with :class:`orchestration.agents.Escalate` and
+:class:`orchestration.agents.PermanentError`; those are not errors of taskrail's.
+Invalid lifecycle moves raise python-statemachine's ``TransitionNotAllowed``.
+
+Each exception carries its facts as attributes (``task_id``, ``status``, ...) and
+``fields()`` returns them for structlog.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class TaskrailError(Exception):
+    """Root of taskrail's exceptions."""
+
+    def fields(self) -> dict[str, Any]:
+        """The exception's facts as key-value pairs for a log line."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+class InputError(TaskrailError, ValueError):
+    """Bad input; nothing was written."""
+
+
+class UnknownTaskType(InputError):
+    def __init__(self, task_type: str, known: list[str]) -> None:
+        self.task_type = task_type
+        self.known = sorted(known)
+        listed = ", ".join(self.known) if self.known else "none registered"
+        super().__init__(f"unknown task type {task_type!r}; known task types: {listed}")
+
+
+class InvalidPayload(InputError):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"invalid payload: {reason}")
+
+
+class InvalidClientId(InputError):
+    def __init__(self, value: object) -> None:
+        self.value = value
+        super().__init__(f"client id must be an integer, got {value!r}")
+
+
+class TaskNotFound(InputError, LookupError):
+    def __init__(self, task_id: object) -> None:
+        self.task_id = task_id
+        super().__init__(f"no task with id {task_id!r}")
+
+
+class NotRetryable(InputError):
+    def __init__(self, task_id: int, status: str) -> None:
+        self.task_id = task_id
+        self.status = status
+        super().__init__(f"task {task_id} is {status}; only failed tasks can be retried")
+
+
+class InfrastructureError(TaskrailError):
+    """A server taskrail needs is unavailable."""
+
+
+class DatabaseUnavailable(InfrastructureError):
+    def __init__(self, where: str, detail: str = "") -> None:
+        self.where = where
+        self.detail = detail
+        msg = f"database unreachable at {where}"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class SchemaNotReady(InfrastructureError):
+    def __init__(self, where: str) -> None:
+        self.where = where
+        super().__init__(
+            f"database at {where} has no current taskrail schema; run `taskrail db upgrade`"
+        )
+
+
+class BrokerUnavailable(InfrastructureError):
+    def __init__(self, where: str, detail: str = "") -> None:
+        self.where = where
+        self.detail = detail
+        msg = f"message broker unreachable at {where}"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class ConfigurationError(TaskrailError):
+    """Settings or registrations that cannot work."""

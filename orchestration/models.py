@@ -1,0 +1,145 @@
+"""The tables: ``tasks`` (one row per work item) and ``task_events`` (its audit trail)."""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy import Enum as SAEnum
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+class TaskStatus(enum.StrEnum):
+    """Where a task is in its lifecycle."""
+
+    PENDING = "pending"
+    ASSIGNED = "assigned"
+    IN_PROGRESS = "in_progress"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ESCALATED = "escalated"
+
+    @property
+    def is_final(self) -> bool:
+        """completed and escalated never move again; failed moves only on retry."""
+        return self in (TaskStatus.COMPLETED, TaskStatus.ESCALATED)
+
+    @property
+    def is_active(self) -> bool:
+        """A hop drives this state forward (pending, assigned, in_progress)."""
+        return self in ACTIVE_STATUSES
+
+
+ACTIVE_STATUSES = (TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.IN_PROGRESS)
+RESTING_STATUSES = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.ESCALATED)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every dialect (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime; taskrail stores timezone-aware UTC only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+Id = BigInteger().with_variant(Integer(), "sqlite")
+StatusType = SAEnum(
+    TaskStatus,
+    name="task_status",
+    native_enum=False,
+    create_constraint=False,
+    length=16,
+    values_callable=lambda e: [m.value for m in e],
+)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Task(Base):
+    """A domain work item ("personal tax return for client 42")."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (
+        Index("ix_tasks_status_updated_at", "status", "updated_at"),
+        Index("ix_tasks_client_id", "client_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    client_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    task_type: Mapped[str] = mapped_column(String(64), nullable=False)
+    status: Mapped[TaskStatus] = mapped_column(StatusType, nullable=False)
+    assigned_agent: Mapped[str | None] = mapped_column(String(128))
+    payload: Mapped[dict[str, Any]] = mapped_column(Json, nullable=False, default=dict)
+    result: Mapped[Any | None] = mapped_column(Json)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Recovery: who runs the handler now, until when; when a hop may run next.
+    lease_owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    deferred_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    redriven_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.id} {self.task_type} client={self.client_id} {self.status}>"
+
+
+class TaskEvent(Base):
+    """One row per transition of a task."""
+
+    __tablename__ = "task_events"
+
+    id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
+    task_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("tasks.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    event: Mapped[str] = mapped_column(String(32), nullable=False)
+    from_status: Mapped[TaskStatus] = mapped_column(StatusType, nullable=False)
+    to_status: Mapped[TaskStatus] = mapped_column(StatusType, nullable=False)
+    agent: Mapped[str | None] = mapped_column(String(128))
+    detail: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    def __repr__(self) -> str:
+        return f"<TaskEvent task={self.task_id} {self.event} {self.from_status}->{self.to_status}>"
+
+
+tasks_table = Task.__table__
+events_table = TaskEvent.__table__

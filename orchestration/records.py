@@ -1,0 +1,62 @@
+"""Read-only records handed to producers and printed by the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from orchestration.models import TaskStatus
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, TaskStatus):
+        return value.value
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    id: int
+    client_id: int
+    task_type: str
+    status: TaskStatus
+    assigned_agent: str | None
+    payload: Any
+    result: Any
+    attempts: int
+    last_error: str | None
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> TaskRecord:
+        return cls(**{name: row[name] for name in cls.__slots__})  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _jsonable(v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    id: int
+    task_id: int
+    event: str
+    from_status: TaskStatus
+    to_status: TaskStatus
+    agent: str | None
+    detail: str | None
+    worker: str | None
+    at: datetime
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> EventRecord:
+        return cls(**{name: row[name] for name in cls.__slots__})  # type: ignore[attr-defined]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _jsonable(v) for k, v in asdict(self).items()}

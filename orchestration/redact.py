@@ -1,0 +1,32 @@
+"""Keep secrets out of anything printed or logged."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# scheme://user:password@host  ->  scheme://user:***@host
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s/]+)(?=@)")
+_SECRET_KEYS = frozenset({"password", "passwd", "secret", "token", "api_key", "authorization"})
+MASK = "***"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + MASK, url)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the password of every URL in it masked."""
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
+
+
+def redact_value(key: str, value: Any) -> Any:
+    """A log field's value, masked when its key names a secret or it holds a URL."""
+    if key.lower() in _SECRET_KEYS and value is not None:
+        return MASK
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, BaseException):
+        return redact_text(str(value))
+    return value

@@ -1,0 +1,99 @@
+"""Configuration, read once at the edge (CLI, worker start-up) and passed in.
+
+Every setting comes from a ``TASKRAIL_*`` environment variable. With none set,
+taskrail runs on the embedded default: a SQLite file and a file-system broker
+under ``.taskrail/`` in the working directory, no servers.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from orchestration import constants as c
+from orchestration.redact import redact_url
+
+
+class Settings(BaseSettings):
+    """taskrail's settings; ``TASKRAIL_<NAME>`` sets each field."""
+
+    model_config = SettingsConfigDict(env_prefix="TASKRAIL_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default: SQLite file in data_dir"
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker URL; default: file-system broker in data_dir"
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis for shared breaker state; default: per-process state"
+    )
+    data_dir: Path = Path(c.DEFAULT_DATA_DIR)
+    agents: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(c.DEFAULT_AGENT_MODULES),
+        description="comma-separated importable modules that register agents",
+    )
+    log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
+    log_level: str = "INFO"
+
+    prefetch_multiplier: int = Field(default=c.DEFAULT_PREFETCH_MULTIPLIER, ge=1)
+    visibility_timeout_s: int = Field(default=c.DEFAULT_VISIBILITY_TIMEOUT_S, ge=60)
+    db_pool_size: int = Field(default=5, ge=1)
+    lease_ttl_s: float = Field(default=c.DEFAULT_LEASE_TTL_S, gt=0)
+    sweep_interval_s: float = Field(default=c.DEFAULT_SWEEP_INTERVAL_S, gt=0)
+    redrive_after_s: float = Field(default=c.DEFAULT_REDRIVE_AFTER_S, gt=0)
+    sweep_batch: int = Field(default=c.DEFAULT_SWEEP_BATCH, ge=1)
+    retry_backoff_base_s: float = Field(default=c.RETRY_BACKOFF_BASE_S, ge=0)
+    retry_backoff_max_s: float = Field(default=c.RETRY_BACKOFF_MAX_S, ge=0)
+
+    @field_validator("agents", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @property
+    def embedded(self) -> bool:
+        """True when no broker server is configured (file-system broker, in-process use)."""
+        return self.broker_url is None
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return normalise_database_url(self.database_url)
+        return f"sqlite:///{(self.data_dir / 'taskrail.db').as_posix()}"
+
+    @property
+    def effective_broker_url(self) -> str:
+        return self.broker_url or "filesystem://localhost/"
+
+    def broker_folder(self) -> Path:
+        return self.data_dir / "broker"
+
+    def describe(self) -> dict[str, str | None]:
+        """The settings an operator may want to see, with every password masked."""
+        return {
+            "database_url": redact_url(self.effective_database_url),
+            "broker_url": redact_url(self.effective_broker_url),
+            "redis_url": redact_url(self.redis_url) if self.redis_url else None,
+            "agents": ",".join(self.agents),
+        }
+
+
+def normalise_database_url(url: str) -> str:
+    """Use psycopg 3 for plain ``postgresql://`` URLs."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, read once per process."""
+    return Settings()
