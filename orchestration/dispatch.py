@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestration import constants as c
@@ -61,7 +61,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Flower sees every hop.
         "worker_send_task_events": True,
         "task_send_sent_event": False,
-        "task_queues": [Queue(c.QUEUE_HOPS), Queue(c.QUEUE_EXECUTE)],
+        "task_queues": [
+            Queue(name, Exchange(name, type="direct"), routing_key=name)
+            for name in (c.QUEUE_HOPS, c.QUEUE_EXECUTE)
+        ],
+        "task_default_exchange": c.QUEUE_HOPS,
+        "task_default_routing_key": c.QUEUE_HOPS,
         "task_default_queue": c.QUEUE_HOPS,
         "task_routes": {name: {"queue": queue} for name, queue in HOP_QUEUES.items()},
         "task_publish_retry_policy": {
@@ -92,7 +97,13 @@ class Dispatcher:
         return redact_url(str(self.app.conf.broker_url))
 
     def send(
-        self, hop: str, args: Sequence[Any], *, countdown: float | None = None, producer: Any = None
+        self,
+        hop: str,
+        args: Sequence[Any],
+        *,
+        countdown: float | None = None,
+        producer: Any = None,
+        **options: Any,
     ) -> None:
         """Publish one hop message. Raises BrokerUnavailable."""
         try:
@@ -100,9 +111,11 @@ class Dispatcher:
                 hop,
                 args=list(args),
                 queue=HOP_QUEUES.get(hop, c.QUEUE_HOPS),
+                routing_key=HOP_QUEUES.get(hop, c.QUEUE_HOPS),
                 countdown=countdown,
                 producer=producer,
                 ignore_result=True,
+                **options,
             )
         except (KombuOperationalError, OSError) as err:
             raise BrokerUnavailable(self.where, redact_text(str(err))) from err

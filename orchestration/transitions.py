@@ -25,8 +25,11 @@ from sqlalchemy import TextClause, bindparam, select, text
 from statemachine.exceptions import TransitionNotAllowed
 
 from orchestration.db import Database
+from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, events_table, tasks_table, utcnow
 from orchestration.state_machine import TaskStateMachine
+
+log = get_logger("taskrail.transitions")
 
 __all__ = ["Outcome", "TransitionNotAllowed", "TransitionResult", "apply_transition", "plan"]
 
@@ -150,11 +153,23 @@ def apply_transition(
         params.update({f"e_{k}": v for k, v in audit.items()})
         found = conn.execute(statements[0], params).mappings().first()
         row = dict(found) if found is not None else None
-        if row is not None and len(statements) > 1:
-            conn.execute(statements[1], params)
+        if row is not None:
+            audit["agent"] = audit["agent"] or row["assigned_agent"]
+            if len(statements) > 1:
+                params["e_agent"] = audit["agent"]
+                conn.execute(statements[1], params)
 
     if row is None:
         return TransitionResult(Outcome.STALE, task_id, event, from_status, to_status)
+    log.info(
+        "task_transition",
+        task_id=task_id,
+        transition=event,
+        from_status=from_status.value,
+        to_status=to_status.value,
+        agent=audit["agent"],
+        detail=reason,
+    )
     return TransitionResult(Outcome.APPLIED, task_id, event, from_status, to_status, row)
 
 
@@ -179,10 +194,13 @@ def _statements(
         ["id = :task_id", "status = :from_status"]
         + [f"{c} IS NULL" if is_null else f"{c} = :g_{c}" for c, is_null in guard_cols]
     )
-    ret = ", ".join(["id", *returning])
+    ret = ", ".join(dict.fromkeys(["id", "assigned_agent", *returning]))
     cas = f"UPDATE tasks SET {sets} WHERE {where} RETURNING {ret}"
     audit_cols = ", ".join(_AUDIT_COLUMNS)
-    audit_vals = ", ".join(f":e_{c}" for c in _AUDIT_COLUMNS)
+    # The event names the task's agent unless the caller names one.
+    audit_vals = ", ".join(
+        "COALESCE(:e_agent, assigned_agent)" if c == "agent" else f":e_{c}" for c in _AUDIT_COLUMNS
+    )
     binds = [
         bindparam("task_id", type_=t.id.type),
         bindparam("from_status", type_=t.status.type),
@@ -190,7 +208,7 @@ def _statements(
         *(bindparam(f"g_{c}", type_=t[c].type) for c, is_null in guard_cols if not is_null),
         *(bindparam(f"e_{c}", type_=ev[c].type) for c in _AUDIT_COLUMNS),
     ]
-    result_cols = [t.id, *(t[c] for c in returning)]
+    result_cols = [t[c] for c in dict.fromkeys(["id", "assigned_agent", *returning])]
     if one_statement:
         sql = (
             f"WITH changed AS ({cas}), audited AS ("
@@ -198,7 +216,10 @@ def _statements(
             f") SELECT {ret} FROM changed"
         )
         return (text(sql).bindparams(*binds).columns(*result_cols),)
-    insert_sql = f"INSERT INTO task_events (task_id, {audit_cols}) VALUES (:task_id, {audit_vals})"
+    insert_sql = (
+        f"INSERT INTO task_events (task_id, {audit_cols}) "
+        f"VALUES (:task_id, {', '.join(f':e_{c}' for c in _AUDIT_COLUMNS)})"
+    )
     audit_binds = [b for b in binds if b.key == "task_id" or b.key.startswith("e_")]
     cas_binds = [b for b in binds if not b.key.startswith("e_")]
     return (

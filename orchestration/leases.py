@@ -1,0 +1,142 @@
+"""Execution leases: who runs a task's handler now, and until when.
+
+The ``execute`` hop claims a lease before it calls the handler: one statement that
+checks the task is in_progress, at the attempt the message names, and not leased by
+a live worker; it counts the attempt and returns what the handler needs. A claim
+that matches nothing means a duplicate or stale message, or a worker already on it.
+The sweeper re-drives a task whose lease expired (its worker died).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import TextClause, bindparam, select, text
+
+from orchestration.db import Database
+from orchestration.models import TaskStatus, tasks_table, utcnow
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A claimed execution: the lease token and what the handler needs."""
+
+    task_id: int
+    token: str
+    attempt: int  # 1 for the first call of the handler
+    client_id: int
+    task_type: str
+    payload: dict[str, Any]
+    agent: str | None
+
+
+@functools.lru_cache(maxsize=1)
+def _claim_sql() -> TextClause:
+    t = tasks_table.c
+    return (
+        text(
+            "UPDATE tasks SET lease_owner = :token, lease_expires_at = :expires, "
+            "attempts = attempts + 1, deferred_since = NULL, updated_at = :now "
+            "WHERE id = :task_id AND status = :status AND attempts = :attempts "
+            "AND (lease_expires_at IS NULL OR lease_expires_at < :now) "
+            "RETURNING id, attempts, client_id, task_type, payload, assigned_agent"
+        )
+        .bindparams(
+            bindparam("token", type_=t.lease_owner.type),
+            bindparam("expires", type_=t.lease_expires_at.type),
+            bindparam("now", type_=t.updated_at.type),
+            bindparam("task_id", type_=t.id.type),
+            bindparam("status", type_=t.status.type),
+            bindparam("attempts", type_=t.attempts.type),
+        )
+        .columns(t.id, t.attempts, t.client_id, t.task_type, t.payload, t.assigned_agent)
+    )
+
+
+def claim(db: Database, task_id: int, attempts: int, token: str, ttl_s: float) -> Claim | None:
+    """Claim the handler run of ``task_id`` after ``attempts`` earlier attempts."""
+    now = utcnow()
+    params = {
+        "token": token,
+        "expires": now + timedelta(seconds=ttl_s),
+        "now": now,
+        "task_id": task_id,
+        "status": TaskStatus.IN_PROGRESS,
+        "attempts": attempts,
+    }
+    with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
+        row = conn.execute(_claim_sql(), params).mappings().first()
+    if row is None:
+        return None
+    return Claim(
+        task_id=task_id,
+        token=token,
+        attempt=row["attempts"],
+        client_id=row["client_id"],
+        task_type=row["task_type"],
+        payload=row["payload"] or {},
+        agent=row["assigned_agent"],
+    )
+
+
+def renew(db: Database, task_id: int, token: str, ttl_s: float) -> bool:
+    """Extend a held lease; False when it is no longer ours."""
+    t = tasks_table
+    with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
+        result = conn.execute(
+            t.update()
+            .where(t.c.id == task_id, t.c.lease_owner == token)
+            .values(lease_expires_at=utcnow() + timedelta(seconds=ttl_s))
+        )
+    return result.rowcount == 1
+
+
+def release_for_retry(
+    db: Database, task_id: int, token: str, error: str, retry_at: Any
+) -> bool:
+    """Give the lease back after a transient failure; the next attempt is due at ``retry_at``."""
+    t = tasks_table
+    with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
+        result = conn.execute(
+            t.update()
+            .where(t.c.id == task_id, t.c.lease_owner == token, t.c.status == TaskStatus.IN_PROGRESS)
+            .values(
+                lease_owner=None,
+                lease_expires_at=None,
+                last_error=error,
+                not_before=retry_at,
+                updated_at=utcnow(),
+            )
+        )
+    return result.rowcount == 1
+
+
+def release_unconsumed(db: Database, task_id: int, token: str, retry_at: Any) -> bool:
+    """Give the lease back and the attempt too: the handler was never called."""
+    t = tasks_table
+    with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
+        result = conn.execute(
+            t.update()
+            .where(t.c.id == task_id, t.c.lease_owner == token, t.c.status == TaskStatus.IN_PROGRESS)
+            .values(
+                lease_owner=None,
+                lease_expires_at=None,
+                attempts=t.c.attempts - 1,
+                not_before=retry_at,
+                updated_at=utcnow(),
+            )
+        )
+    return result.rowcount == 1
+
+
+def describe(db: Database, task_id: int) -> dict[str, Any] | None:
+    """The row's status, attempts and lease, to explain why a hop had nothing to do."""
+    t = tasks_table.c
+    with db.connect() as conn:
+        row = conn.execute(
+            select(t.status, t.attempts, t.lease_owner, t.lease_expires_at).where(t.id == task_id)
+        ).mappings().first()
+    return dict(row) if row is not None else None

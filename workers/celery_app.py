@@ -1,0 +1,39 @@
+"""The Celery app that ``celery -A workers`` finds (``workers.app``).
+
+Configuration comes from :func:`orchestration.dispatch.celery_config`, the same the
+producers use, read from the ``TASKRAIL_*`` environment when the worker starts.
+"""
+
+from __future__ import annotations
+
+from celery import Celery, signals
+
+from orchestration.dispatch import make_celery
+from orchestration.logging import configure_logging
+from orchestration.settings import get_settings
+
+
+def create_app() -> Celery:
+    settings = get_settings()
+    app = make_celery(settings, main="taskrail")
+    app.conf.update(
+        include=["workers.hops", "workers.sweeper"],
+        beat_schedule={
+            "taskrail-sweep": {
+                "task": "taskrail.sweep",
+                "schedule": settings.sweep_interval_s,
+                "options": {"expires": settings.sweep_interval_s * 2},
+            }
+        },
+    )
+    return app
+
+
+@signals.setup_logging.connect
+def _setup_logging(**_: object) -> None:
+    # taskrail's structlog set-up replaces Celery's own logging configuration.
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
+
+
+app = create_app()

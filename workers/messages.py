@@ -1,0 +1,53 @@
+"""Validation of hop message arguments. A bad message is dropped, never retried."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from orchestration.errors import InputError
+
+
+class MalformedMessage(InputError):
+    def __init__(self, hop: str, reason: str) -> None:
+        self.hop = hop
+        self.reason = reason
+        super().__init__(f"malformed {hop} message: {reason}")
+
+
+def _int(hop: str, name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise MalformedMessage(hop, f"{name} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def parse(hop: str, args: Sequence[Any], kwargs: dict[str, Any], names: Sequence[str], required: int) -> list[Any]:
+    """Positional-or-keyword arguments ``names``; the first ``required`` must be present."""
+    if kwargs.keys() - set(names):
+        raise MalformedMessage(hop, f"unexpected arguments {sorted(kwargs.keys() - set(names))}")
+    if len(args) > len(names):
+        raise MalformedMessage(hop, f"at most {len(names)} arguments, got {len(args)}")
+    values: list[Any] = list(args) + [None] * (len(names) - len(args))
+    for i, name in enumerate(names):
+        if name in kwargs:
+            if i < len(args):
+                raise MalformedMessage(hop, f"{name} given twice")
+            values[i] = kwargs[name]
+    for i in range(required):
+        if values[i] is None:
+            raise MalformedMessage(hop, f"missing {names[i]}")
+    return values
+
+
+def task_id(hop: str, value: Any) -> int:
+    return _int(hop, "task_id", value)
+
+
+def attempts(hop: str, value: Any) -> int:
+    return _int(hop, "attempts", value)
+
+
+def task_type(hop: str, value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > 64:
+        raise MalformedMessage(hop, f"task_type must be a short string, got {value!r}")
+    return value

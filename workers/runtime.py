@@ -1,0 +1,64 @@
+"""Per-process resources of a worker: settings, database pool, publisher, identity.
+
+Built lazily on the first hop in each process (after a prefork child is forked), so
+no connection is opened at import time and none is shared across a fork.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass
+
+from celery import Celery, signals
+
+from orchestration.agents import load_agent_modules
+from orchestration.db import Database
+from orchestration.dispatch import Dispatcher
+from orchestration.settings import Settings, get_settings
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    dispatcher: Dispatcher
+    worker: str  # host:pid, recorded on every event this process writes
+
+
+_lock = threading.Lock()
+_runtime: Runtime | None = None
+_pid: int | None = None
+
+
+def runtime(app: Celery) -> Runtime:
+    """This process's runtime, built on first use."""
+    global _runtime, _pid
+    if _runtime is not None and _pid == os.getpid():
+        return _runtime
+    with _lock:
+        if _runtime is None or _pid != os.getpid():
+            settings = get_settings()
+            load_agent_modules(settings.agents)
+            _runtime = Runtime(
+                settings=settings,
+                db=Database(settings.effective_database_url, pool_size=settings.db_pool_size),
+                dispatcher=Dispatcher(app),
+                worker=f"{socket.gethostname()}:{os.getpid()}",
+            )
+            _pid = os.getpid()
+    return _runtime
+
+
+@signals.worker_process_init.connect
+def _forget_parent_runtime(**_: object) -> None:
+    # A forked child must not reuse its parent's pooled connections.
+    global _runtime, _pid
+    _runtime, _pid = None, None
+
+
+@signals.worker_init.connect
+def _load_agents_early(**_: object) -> None:
+    # Fail at start-up, not on the first message, when an agent module is missing.
+    load_agent_modules(get_settings().agents)

@@ -1,0 +1,1 @@
+"""The sweeper: re-drives tasks that nothing drives any more (see orchestration.recovery)."""
