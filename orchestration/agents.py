@@ -36,7 +36,7 @@ from orchestration import constants as c
 from orchestration.errors import ConfigurationError, UnknownTaskType
 
 
-class AgentSignal(Exception):  # noqa: N818 - these are outcomes, not errors
+class AgentSignal(Exception):
     """Base of the outcomes an agent raises on purpose."""
 
     def __init__(self, reason: str) -> None:
@@ -112,7 +112,9 @@ class AgentRegistry:
         with self._lock:
             existing = self._by_name.get(spec.name)
             if existing is not None:
-                if existing.handler is spec.handler or _same_function(existing.handler, spec.handler):
+                if existing.handler is spec.handler or _same_function(
+                    existing.handler, spec.handler
+                ):
                     return existing  # a module imported twice
                 raise ConfigurationError(f"agent {spec.name!r} is registered twice")
             self._by_name[spec.name] = spec

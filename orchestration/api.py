@@ -82,7 +82,9 @@ def _check_key(key: Any) -> str | None:
     if key is None:
         return None
     if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
-        raise InvalidPayload(f"idempotency key must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+        raise InvalidPayload(
+            f"idempotency key must be a non-empty string of at most {MAX_KEY_LENGTH} characters"
+        )
     return key
 
 
@@ -125,9 +127,7 @@ class Taskrail:
         nothing. Raises UnknownTaskType, InvalidClientId, InvalidPayload (nothing
         written) and DatabaseUnavailable.
         """
-        return self.submit_many(
-            [NewTask(task_type, client_id, payload, idempotency_key)]
-        )[0]
+        return self.submit_many([NewTask(task_type, client_id, payload, idempotency_key)])[0]
 
     def submit_many(self, items: Iterable[NewTask | Mapping[str, Any]]) -> list[int]:
         """Submit many tasks in one transaction; returns their ids in input order.
@@ -135,7 +135,7 @@ class Taskrail:
         Every item is validated before anything is written: one bad item raises and
         no task is created.
         """
-        rows = []
+        rows: list[dict[str, Any]] = []
         for item in items:
             new = item if isinstance(item, NewTask) else NewTask(**item)
             registry.for_task_type(new.task_type)
@@ -150,7 +150,11 @@ class Taskrail:
         if not rows:
             return []
         created = self._insert(rows)
-        fresh = [(task_id, row["task_type"]) for (task_id, is_new), row in zip(created, rows, strict=True) if is_new]
+        fresh = [
+            (task_id, row["task_type"])
+            for (task_id, is_new), row in zip(created, rows, strict=True)
+            if is_new
+        ]
         self._enqueue_first_hops(fresh)
         return [task_id for task_id, _ in created]
 
@@ -163,7 +167,9 @@ class Taskrail:
         keyed = [row for row in rows if row["idempotency_key"] is not None]
         with self.db.begin() as conn:
             if not keyed:
-                stmt = dialect.insert(tasks_table).returning(tasks_table.c.id, sort_by_parameter_order=True)
+                stmt = dialect.insert(tasks_table).returning(
+                    tasks_table.c.id, sort_by_parameter_order=True
+                )
                 ids = conn.execute(stmt, rows).scalars().all()
                 return [(task_id, True) for task_id in ids]
             result: list[tuple[int, bool]] = []
@@ -194,7 +200,9 @@ class Taskrail:
         if not tasks:
             return
         try:
-            self.dispatcher.send_many(c.HOP_ASSIGN, ([task_id, task_type] for task_id, task_type in tasks))
+            self.dispatcher.send_many(
+                c.HOP_ASSIGN, ([task_id, task_type] for task_id, task_type in tasks)
+            )
         except BrokerUnavailable as err:
             log.warning(
                 "enqueue_deferred",
@@ -227,7 +235,11 @@ class Taskrail:
         """The task's current record. Raises TaskNotFound."""
         task_id = _check_task_id(task_id)
         with self.db.connect() as conn:
-            row = conn.execute(select(tasks_table).where(tasks_table.c.id == task_id)).mappings().first()
+            row = (
+                conn.execute(select(tasks_table).where(tasks_table.c.id == task_id))
+                .mappings()
+                .first()
+            )
         if row is None:
             raise TaskNotFound(task_id)
         return TaskRecord.from_row(row)
@@ -236,12 +248,20 @@ class Taskrail:
         """The task's transitions, oldest first. Raises TaskNotFound."""
         task_id = _check_task_id(task_id)
         with self.db.connect() as conn:
-            exists = conn.execute(select(tasks_table.c.id).where(tasks_table.c.id == task_id)).first()
+            exists = conn.execute(
+                select(tasks_table.c.id).where(tasks_table.c.id == task_id)
+            ).first()
             if exists is None:
                 raise TaskNotFound(task_id)
-            rows = conn.execute(
-                select(events_table).where(events_table.c.task_id == task_id).order_by(events_table.c.id)
-            ).mappings().all()
+            rows = (
+                conn.execute(
+                    select(events_table)
+                    .where(events_table.c.task_id == task_id)
+                    .order_by(events_table.c.id)
+                )
+                .mappings()
+                .all()
+            )
         return [EventRecord.from_row(row) for row in rows]
 
     def counts(self) -> dict[str, int]:
@@ -309,5 +329,3 @@ def history(task_id: int) -> list[EventRecord]:
 def retry(task_id: int) -> None:
     """See :meth:`Taskrail.retry`."""
     client().retry(task_id)
-
-

@@ -177,6 +177,44 @@ def retry(task_id: Annotated[int, typer.Argument(help="Id of a failed task.")]) 
     out.print(f"task {task_id} is pending again")
 
 
+@app.command()
+@command
+def demo(
+    n: Annotated[int, typer.Option("-n", "--tasks", min=1, help="How many demo tasks.")] = 60,
+    spawn: Annotated[
+        int,
+        typer.Option(
+            "--workers", min=0, help="Worker processes to start (server mode; 0: use running ones)."
+        ),
+    ] = 2,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Give up after this many seconds.")
+    ] = 600.0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run demo tasks to a final state and print the outcome and throughput."""
+    from orchestration.demo import render, run_demo
+
+    settings = get_settings()
+    if not as_json:
+        where = "embedded (SQLite, in-process worker)" if settings.embedded else "servers"
+        out.print(f"taskrail demo: {n} tasks on {where}; {settings.describe()['database_url']}")
+    result = run_demo(
+        n,
+        console=err if as_json else out,
+        spawn=spawn,
+        timeout_s=timeout,
+        show_progress=not as_json,
+    )
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        render(result, out)
+    if result.counts != {k: v for k, v in result.expected.items() if v}:
+        err.print("error: final states differ from the expected ones", markup=False)
+        raise typer.Exit(1)
+
+
 @db_app.command("upgrade")
 @command
 def db_upgrade() -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import TextClause, bindparam, select, text
+from sqlalchemy import Executable, bindparam, select, text, update
 
 from orchestration.db import Database
 from orchestration.models import TaskStatus, tasks_table, utcnow
@@ -34,7 +34,7 @@ class Claim:
 
 
 @functools.lru_cache(maxsize=1)
-def _claim_sql() -> TextClause:
+def _claim_sql() -> Executable:
     t = tasks_table.c
     return (
         text(
@@ -87,22 +87,22 @@ def renew(db: Database, task_id: int, token: str, ttl_s: float) -> bool:
     t = tasks_table
     with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
         result = conn.execute(
-            t.update()
+            update(t)
             .where(t.c.id == task_id, t.c.lease_owner == token)
             .values(lease_expires_at=utcnow() + timedelta(seconds=ttl_s))
         )
     return result.rowcount == 1
 
 
-def release_for_retry(
-    db: Database, task_id: int, token: str, error: str, retry_at: Any
-) -> bool:
+def release_for_retry(db: Database, task_id: int, token: str, error: str, retry_at: Any) -> bool:
     """Give the lease back after a transient failure; the next attempt is due at ``retry_at``."""
     t = tasks_table
     with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
         result = conn.execute(
-            t.update()
-            .where(t.c.id == task_id, t.c.lease_owner == token, t.c.status == TaskStatus.IN_PROGRESS)
+            update(t)
+            .where(
+                t.c.id == task_id, t.c.lease_owner == token, t.c.status == TaskStatus.IN_PROGRESS
+            )
             .values(
                 lease_owner=None,
                 lease_expires_at=None,
@@ -119,8 +119,10 @@ def release_unconsumed(db: Database, task_id: int, token: str, retry_at: Any) ->
     t = tasks_table
     with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
         result = conn.execute(
-            t.update()
-            .where(t.c.id == task_id, t.c.lease_owner == token, t.c.status == TaskStatus.IN_PROGRESS)
+            update(t)
+            .where(
+                t.c.id == task_id, t.c.lease_owner == token, t.c.status == TaskStatus.IN_PROGRESS
+            )
             .values(
                 lease_owner=None,
                 lease_expires_at=None,
@@ -136,7 +138,13 @@ def describe(db: Database, task_id: int) -> dict[str, Any] | None:
     """The row's status, attempts and lease, to explain why a hop had nothing to do."""
     t = tasks_table.c
     with db.connect() as conn:
-        row = conn.execute(
-            select(t.status, t.attempts, t.lease_owner, t.lease_expires_at).where(t.id == task_id)
-        ).mappings().first()
+        row = (
+            conn.execute(
+                select(t.status, t.attempts, t.lease_owner, t.lease_expires_at).where(
+                    t.id == task_id
+                )
+            )
+            .mappings()
+            .first()
+        )
     return dict(row) if row is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Table,
     Text,
     TypeDecorator,
 )
@@ -141,5 +142,5 @@ class TaskEvent(Base):
         return f"<TaskEvent task={self.task_id} {self.event} {self.from_status}->{self.to_status}>"
 
 
-tasks_table = Task.__table__
-events_table = TaskEvent.__table__
+tasks_table = cast(Table, Task.__table__)
+events_table = cast(Table, TaskEvent.__table__)

@@ -35,8 +35,8 @@ class TaskRecord:
     completed_at: datetime | None
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> TaskRecord:
-        return cls(**{name: row[name] for name in cls.__slots__})  # type: ignore[attr-defined]
+    def from_row(cls, row: Mapping[Any, Any]) -> TaskRecord:
+        return cls(**{name: row[name] for name in cls.__slots__})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _jsonable(v) for k, v in asdict(self).items()}
@@ -55,8 +55,8 @@ class EventRecord:
     at: datetime
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> EventRecord:
-        return cls(**{name: row[name] for name in cls.__slots__})  # type: ignore[attr-defined]
+    def from_row(cls, row: Mapping[Any, Any]) -> EventRecord:
+        return cls(**{name: row[name] for name in cls.__slots__})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _jsonable(v) for k, v in asdict(self).items()}

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import TextClause, bindparam, select, text
+from sqlalchemy import Executable, bindparam, select, text
 from statemachine.exceptions import TransitionNotAllowed
 
 from orchestration.db import Database
@@ -182,7 +182,7 @@ def _statements(
     value_cols: tuple[str, ...],
     guard_cols: tuple[tuple[str, bool], ...],
     returning: tuple[str, ...],
-) -> tuple[TextClause, ...]:
+) -> tuple[Executable, ...]:
     """The compare-and-set and audit SQL for one shape of transition, built once.
 
     Plain SQL with typed bind parameters: building the same statement with Core on

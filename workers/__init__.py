@@ -4,7 +4,7 @@
 find :data:`app` here.
 """
 
+from workers import hops, sweeper  # noqa: F401  (registers the hop tasks on app)
 from workers.celery_app import app
-from workers import hops, sweeper  # noqa: E402,F401  (registers the hop tasks on app)
 
 __all__ = ["app"]

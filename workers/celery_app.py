@@ -36,4 +36,11 @@ def _setup_logging(**_: object) -> None:
     configure_logging(settings.log_format, settings.log_level)
 
 
+@signals.worker_ready.connect
+def _announce_ready(sender: object = None, **_: object) -> None:
+    from orchestration.logging import get_logger
+
+    get_logger("taskrail.worker").info("worker_ready", node=getattr(sender, "hostname", None))
+
+
 app = create_app()

@@ -30,7 +30,14 @@ from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestration import constants as c
 from orchestration import leases
-from orchestration.agents import AgentSpec, Escalate, PermanentError, TaskView, ensure_json, registry
+from orchestration.agents import (
+    AgentSpec,
+    Escalate,
+    PermanentError,
+    TaskView,
+    ensure_json,
+    registry,
+)
 from orchestration.errors import InfrastructureError, UnknownTaskType
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, utcnow
@@ -45,7 +52,7 @@ log = get_logger("taskrail.hop")
 MAX_ERROR_CHARS = 2000
 
 
-class HopTask(Task):  # type: ignore[misc]
+class HopTask(Task):
     """Settings shared by every hop: at-least-once delivery, no results stored."""
 
     acks_late = True
@@ -165,9 +172,7 @@ def send_execute(
 def execute(self: Task, *args: Any, **kwargs: Any) -> None:
     """Call the agent's handler under a lease; finish the task or schedule another attempt."""
     with hop_scope(self, "execute") as rt:
-        raw_id, raw_attempts = messages.parse(
-            "execute", args, kwargs, ("task_id", "attempts"), 2
-        )
+        raw_id, raw_attempts = messages.parse("execute", args, kwargs, ("task_id", "attempts"), 2)
         task_id = messages.task_id("execute", raw_id)
         attempts = messages.attempts("execute", raw_attempts)
         structlog.contextvars.bind_contextvars(task_id=task_id)
@@ -210,24 +215,36 @@ def _error_text(err: BaseException) -> str:
 
 def backoff_s(rt: Runtime, attempt: int) -> float:
     """Exponential backoff with jitter before attempt ``attempt + 1``."""
-    cap = min(rt.settings.retry_backoff_max_s, rt.settings.retry_backoff_base_s * 2 ** (attempt - 1))
+    cap = min(
+        rt.settings.retry_backoff_max_s, rt.settings.retry_backoff_base_s * 2 ** (attempt - 1)
+    )
     return cap * random.uniform(0.5, 1.0)
 
 
 def _run_claimed(rt: Runtime, claimed: leases.Claim) -> None:
     spec = registry.find(claimed.agent) if claimed.agent else None
     if spec is None:
-        _finish(rt, claimed, "escalate", reason=f"agent {claimed.agent!r} is not registered on any worker that took the task")
+        _finish(
+            rt,
+            claimed,
+            "escalate",
+            reason=f"agent {claimed.agent!r} is not registered on any worker that took the task",
+        )
         return
     if claimed.attempt > spec.max_attempts:
         _finish(
             rt,
             claimed,
             "fail",
-            reason=f"gave up after {claimed.attempt - 1} attempts; the worker running the last one was lost",
+            reason=(
+                f"gave up after {claimed.attempt - 1} attempts; "
+                "the worker running the last one was lost"
+            ),
         )
         return
-    view = TaskView.build(claimed.task_id, claimed.client_id, claimed.task_type, claimed.payload, claimed.attempt)
+    view = TaskView.build(
+        claimed.task_id, claimed.client_id, claimed.task_type, claimed.payload, claimed.attempt
+    )
     try:
         result = spec.handler(view)
     except Escalate as signal:
@@ -256,5 +273,7 @@ def _transient(rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str) 
     if not leases.release_for_retry(rt.db, claimed.task_id, claimed.token, error, retry_at):
         log.warning("lease_lost", event="retry", reason="another worker took the task over")
         return
-    log.info("attempt_failed", error=error, retry_in_s=round(delay, 2), max_attempts=spec.max_attempts)
+    log.info(
+        "attempt_failed", error=error, retry_in_s=round(delay, 2), max_attempts=spec.max_attempts
+    )
     send_execute(rt, claimed.task_id, claimed.attempt, claimed.agent, countdown=delay)

@@ -21,7 +21,9 @@ def _int(hop: str, name: str, value: Any) -> int:
     return value
 
 
-def parse(hop: str, args: Sequence[Any], kwargs: dict[str, Any], names: Sequence[str], required: int) -> list[Any]:
+def parse(
+    hop: str, args: Sequence[Any], kwargs: dict[str, Any], names: Sequence[str], required: int
+) -> list[Any]:
     """Positional-or-keyword arguments ``names``; the first ``required`` must be present."""
     if kwargs.keys() - set(names):
         raise MalformedMessage(hop, f"unexpected arguments {sorted(kwargs.keys() - set(names))}")

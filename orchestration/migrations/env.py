@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 from sqlalchemy import create_engine
 
@@ -11,7 +13,7 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def _engine():  # type: ignore[no-untyped-def]
+def _engine() -> Any:
     engine = config.attributes.get("engine")
     if engine is not None:
         return engine
