@@ -15,6 +15,7 @@ from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestration import constants as c
+from orchestration import localbroker  # noqa: F401  (registers the embedded transport)
 from orchestration.errors import BrokerUnavailable
 from orchestration.redact import redact_text, redact_url
 from orchestration.settings import Settings

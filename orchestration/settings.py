@@ -70,7 +70,7 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or "filesystem://localhost/"
+        return self.broker_url or "taskrailfs://localhost/"
 
     def broker_folder(self) -> Path:
         return self.data_dir / "broker"
