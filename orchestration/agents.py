@@ -99,6 +99,10 @@ class AgentSpec:
     def breaker_name(self) -> str:
         return f"agent:{self.name}"
 
+    def time_limits(self) -> dict[str, float]:
+        """Celery options that stop a handler running past ``time_limit_s``."""
+        return {"soft_time_limit": self.time_limit_s, "time_limit": self.time_limit_s + 10}
+
 
 class AgentRegistry:
     """Agents by name and by task type. Several agents may serve one task type."""

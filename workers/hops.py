@@ -162,9 +162,7 @@ def send_execute(
 ) -> None:
     """Send the execute hop with the agent's time limits."""
     spec = registry.find(agent) if agent else None
-    limits: dict[str, float] = {}
-    if spec is not None:
-        limits = {"soft_time_limit": spec.time_limit_s, "time_limit": spec.time_limit_s + 10}
+    limits = spec.time_limits() if spec is not None else {}
     rt.dispatcher.send(c.HOP_EXECUTE, [task_id, attempts], countdown=countdown, **limits)
 
 
@@ -246,7 +244,8 @@ def _run_claimed(rt: Runtime, claimed: leases.Claim) -> None:
         claimed.task_id, claimed.client_id, claimed.task_type, claimed.payload, claimed.attempt
     )
     try:
-        result = spec.handler(view)
+        with rt.leases.hold(claimed.task_id, claimed.token):
+            result = spec.handler(view)
     except Escalate as signal:
         _finish(rt, claimed, "escalate", reason=signal.reason)
     except PermanentError as signal:

@@ -16,6 +16,7 @@ from celery import Celery, signals
 from orchestration.agents import load_agent_modules
 from orchestration.db import Database
 from orchestration.dispatch import Dispatcher
+from orchestration.leases import LeaseKeeper
 from orchestration.settings import Settings, get_settings
 
 
@@ -25,6 +26,7 @@ class Runtime:
     db: Database
     dispatcher: Dispatcher
     worker: str  # host:pid, recorded on every event this process writes
+    leases: LeaseKeeper
 
 
 _lock = threading.Lock()
@@ -41,11 +43,13 @@ def runtime(app: Celery) -> Runtime:
         if _runtime is None or _pid != os.getpid():
             settings = get_settings()
             load_agent_modules(settings.agents)
+            db = Database(settings.effective_database_url, pool_size=settings.db_pool_size)
             _runtime = Runtime(
                 settings=settings,
-                db=Database(settings.effective_database_url, pool_size=settings.db_pool_size),
+                db=db,
                 dispatcher=Dispatcher(app),
                 worker=f"{socket.gethostname()}:{os.getpid()}",
+                leases=LeaseKeeper(db, settings.lease_ttl_s),
             )
             _pid = os.getpid()
     return _runtime
