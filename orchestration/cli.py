@@ -155,10 +155,14 @@ def show(
 @app.command()
 @command
 def status(as_json: JsonFlag = False) -> None:
-    """Counts by state."""
-    counts = _client().counts()
+    """Counts by state and stuck tasks."""
+    from orchestration.recovery import stuck_summary
+
+    trail = _client()
+    counts = trail.counts()
+    stuck = stuck_summary(trail.db, redrive_after_s=trail.settings.redrive_after_s).to_dict()
     if as_json:
-        print_json({"counts": counts, "total": sum(counts.values())})
+        print_json({"counts": counts, "total": sum(counts.values()), "stuck": stuck})
         return
     t = Table(title="tasks by state")
     t.add_column("state")
@@ -167,6 +171,40 @@ def status(as_json: JsonFlag = False) -> None:
         t.add_row(f"[{STATUS_STYLE.get(state, 'white')}]{state}[/]", str(n))
     t.add_row("[bold]total[/]", f"[bold]{sum(counts.values())}[/]")
     out.print(t)
+    if stuck["count"]:
+        out.print(
+            f"[yellow]stuck:[/] {stuck['count']} active tasks unchanged for over "
+            f"{trail.settings.redrive_after_s:g}s; oldest {stuck['oldest_age_s']}s"
+        )
+    else:
+        out.print("stuck: none")
+
+
+@app.command()
+@command
+def sweep(as_json: JsonFlag = False) -> None:
+    """Re-drive, once, the tasks nothing drives any more (the beat job does this on a schedule)."""
+    from orchestration.recovery import sweep as sweep_once
+
+    trail = _client()
+    redriven = sweep_once(
+        trail.db,
+        trail.dispatcher,
+        redrive_after_s=trail.settings.redrive_after_s,
+        batch=trail.settings.sweep_batch,
+    )
+    if as_json:
+        print_json(
+            {
+                "redriven": [
+                    {"task_id": r.task_id, "status": r.status.value, "hop": r.hop} for r in redriven
+                ]
+            }
+        )
+        return
+    out.print(f"re-drove {len(redriven)} tasks")
+    for r in redriven:
+        out.print(f"  task {r.task_id}: {r.status.value} -> {r.hop}")
 
 
 @app.command()

@@ -32,3 +32,12 @@ def echo(task: TaskView) -> dict[str, Any]:
 @agent("bad_result_agent", task_types=["bad_result"])
 def bad_result(task: TaskView) -> Any:
     return {"not json": object()}
+
+
+@agent("slow_agent", task_types=["slow"], time_limit_s=3600)
+def slow(task: TaskView) -> dict[str, Any]:
+    """Counts calls (``calls:<id>``); the first call sleeps ``first_sleep_s`` (a long outside call)."""
+    calls = _counter().incr(f"calls:{task.id}")
+    if calls == 1:
+        time.sleep(float(task.payload.get("first_sleep_s", 0)))
+    return {"calls": calls}

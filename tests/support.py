@@ -121,6 +121,22 @@ class WorkerFleet:
             worker.wait_ready()
         return worker
 
+    def start_beat(self, extra_env: Mapping[str, str] | None = None) -> WorkerProcess:
+        """``celery -A workers beat``: schedules the sweeper."""
+        self._count += 1
+        name = f"beat{self._count}"
+        log_path = self.tmp / f"{name}.log"
+        env = {**self.env, **(extra_env or {})}
+        Path(env.get("TASKRAIL_DATA_DIR", self.tmp)).mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                [celery_bin(), "-A", "workers", "beat", "-l", "INFO"],
+                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        beat = WorkerProcess(name, proc, log_path)
+        self.workers.append(beat)
+        return beat
+
     def stop_all(self) -> None:
         for worker in self.workers:
             worker.stop()

@@ -18,6 +18,7 @@ def create_app() -> Celery:
     app = make_celery(settings, main="taskrail")
     app.conf.update(
         include=["workers.hops", "workers.sweeper"],
+        beat_schedule_filename=str(settings.data_dir / "celerybeat-schedule"),
         beat_schedule={
             "taskrail-sweep": {
                 "task": "taskrail.sweep",

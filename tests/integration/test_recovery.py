@@ -1,0 +1,62 @@
+"""Recovery on real servers: lost messages and dead workers are re-driven by the sweeper."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from orchestration import api
+from tests.support import WorkerFleet, assert_valid_path, event_paths, wait_until_resting
+
+pytestmark = pytest.mark.integration
+
+FAST_SWEEP = {
+    "TASKRAIL_SWEEP_INTERVAL_S": "1",
+    "TASKRAIL_REDRIVE_AFTER_S": "2",
+}
+
+
+def test_lost_messages_are_redriven_by_the_sweeper(
+    server_settings, broker_url: str, pg_url: str, fleet: WorkerFleet
+) -> None:
+    # Given 200 submitted tasks whose messages are all lost (as in a Redis restart)
+    ids = api.submit_many([{"task_type": "payroll", "client_id": i} for i in range(200)])
+    redis.Redis.from_url(broker_url).flushdb()
+    # When workers and beat run
+    fleet.start(concurrency=2, extra_env=FAST_SWEEP)
+    fleet.start_beat(extra_env=FAST_SWEEP)
+    # Then every task completes through a valid path
+    statuses = wait_until_resting(pg_url, ids, timeout=90)
+    assert set(statuses.values()) == {"completed"}
+    paths = event_paths(pg_url)
+    for task_id in ids:
+        assert_valid_path(task_id, paths[task_id], "completed")
+    assert "task_redriven" in fleet.logs()
+
+
+def test_worker_killed_mid_handler_with_one_hour_limit_is_redriven_within_60s(
+    server_settings, breaker_redis_url: str, pg_url: str, fleet: WorkerFleet
+) -> None:
+    # Given an agent with a one-hour time limit whose first call takes 10 minutes,
+    # default recovery settings, one worker and beat
+    calls = redis.Redis.from_url(breaker_redis_url)
+    victim = fleet.start(concurrency=1)
+    fleet.start_beat()
+    task_id = api.submit("slow", 1, {"first_sleep_s": 600})
+    deadline = time.monotonic() + 30
+    while calls.get(f"calls:{task_id}") is None:
+        assert time.monotonic() < deadline, "handler never started"
+        time.sleep(0.1)
+    # When the worker is killed with SIGKILL mid-handler and a new one starts
+    killed_at = time.monotonic()
+    victim.kill()
+    fleet.start(concurrency=1)
+    # Then the task is re-driven and completes within 60 s, with one event per transition
+    statuses = wait_until_resting(pg_url, [task_id], timeout=60)
+    assert statuses[task_id] == "completed"
+    assert time.monotonic() - killed_at < 60
+    assert int(calls.get(f"calls:{task_id}")) == 2
+    assert_valid_path(task_id, event_paths(pg_url)[task_id], "completed")
+    assert api.get(task_id).attempts == 2
