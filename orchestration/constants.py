@@ -33,11 +33,39 @@ DEFAULT_PREFETCH_MULTIPLIER = 4
 DEFAULT_VISIBILITY_TIMEOUT_S = 2 * 3600
 MAX_MESSAGE_BYTES = 256 * 1024
 
+# An open breaker defers a hop by its remaining reset time, at most this long; a
+# longer countdown would sit unacknowledged in a worker (and on Redis be redelivered
+# after the visibility timeout). The deferral is recorded on the task (not_before),
+# so the sweeper re-drives it if the message is lost.
+MAX_DEFER_COUNTDOWN_S = 300.0
+
 # Recovery.
 DEFAULT_LEASE_TTL_S = 20.0
 DEFAULT_SWEEP_INTERVAL_S = 5.0
 DEFAULT_REDRIVE_AFTER_S = 15.0
 DEFAULT_SWEEP_BATCH = 500
 
+# Metrics: `taskrail metrics` listens here (loopback unless --host says otherwise).
+DEFAULT_METRICS_PORT = 9808
+DEFAULT_METRICS_HOST = "127.0.0.1"
+
 # Redis key prefixes (breaker state).
 BREAKER_KEY_PREFIX = "taskrail:breaker"
+
+# Breakers (orchestration/breakers). With namespace N and breaker name B the keys are
+# "N:breaker:B" (hash: state, fail_count, epoch, opened_at_ms, next_trial_ms, fail_max,
+# reset_timeout_ms), "N:breaker-trial:B" (the half-open trial lease, SET NX PX) and
+# "N:breakers" (set of every breaker name). With the default namespace the hashes sit
+# under BREAKER_KEY_PREFIX.
+DEFAULT_BREAKER_NAMESPACE = "taskrail"
+BREAKER_KEY_SEGMENT = "breaker"
+BREAKER_TRIAL_KEY_SEGMENT = "breaker-trial"
+BREAKER_REGISTRY_SEGMENT = "breakers"
+# How long a process trusts its cached view of a breaker before asking Redis again.
+DEFAULT_BREAKER_CACHE_TTL_S = 1.0
+# How long one half-open trial call holds the cluster-wide lease; a trial whose caller
+# died blocks other trials for at most this long.
+DEFAULT_BREAKER_TRIAL_LEASE_S = 60.0
+# Client timeouts for the breaker's Redis connection: a hung Redis must not hang a hop.
+BREAKER_REDIS_SOCKET_TIMEOUT_S = 2.0
+BREAKER_REDIS_CONNECT_TIMEOUT_S = 1.0

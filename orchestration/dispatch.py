@@ -44,6 +44,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     else:
         # A message unacknowledged for this long is redelivered: longer than any handler.
         transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+        if settings.broker_key_prefix and settings.effective_broker_url.startswith("redis"):
+            transport_options["global_keyprefix"] = settings.broker_key_prefix
     return {
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": transport_options,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Executable, bindparam, select, text, update
+from sqlalchemy import Executable, bindparam, func, literal, select, text, update
 
 from orchestration.db import Database
 from orchestration.logging import get_logger
@@ -45,7 +45,7 @@ def _claim_sql() -> Executable:
     return (
         text(
             "UPDATE tasks SET lease_owner = :token, lease_expires_at = :expires, "
-            "attempts = attempts + 1, deferred_since = NULL, updated_at = :now "
+            "attempts = attempts + 1, updated_at = :now "
             "WHERE id = :task_id AND status = :status AND attempts = :attempts "
             "AND (lease_expires_at IS NULL OR lease_expires_at < :now) "
             "RETURNING id, attempts, client_id, task_type, payload, assigned_agent"
@@ -100,8 +100,16 @@ def renew(db: Database, task_id: int, token: str, ttl_s: float) -> bool:
     return result.rowcount == 1
 
 
-def release_for_retry(db: Database, task_id: int, token: str, error: str, retry_at: Any) -> bool:
-    """Give the lease back after a transient failure; the next attempt is due at ``retry_at``."""
+def release_for_retry(
+    db: Database, task_id: int, token: str, error: str, retry_at: Any, *, end_deferral: bool = True
+) -> bool:
+    """Give the lease back after a transient failure; the next attempt is due at ``retry_at``.
+
+    ``end_deferral`` clears the record of a breaker deferral: the call went through a
+    closed breaker. A failed half-open trial keeps it, so a long outage still ends in
+    escalation after ``max_deferral_s``.
+    """
+    extra: dict[str, Any] = {"deferred_since": None} if end_deferral else {}
     t = tasks_table
     with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
         result = conn.execute(
@@ -115,6 +123,7 @@ def release_for_retry(db: Database, task_id: int, token: str, error: str, retry_
                 last_error=error,
                 not_before=retry_at,
                 updated_at=utcnow(),
+                **extra,
             )
         )
     return result.rowcount == 1
@@ -210,3 +219,32 @@ class LeaseKeeper:
                 self.renew_all()
             except Exception as err:  # keep renewing; the next pass may work
                 log.warning("lease_renewal_failed", error=str(err))
+
+
+def defer(db: Database, task_id: int, attempts: int, retry_at: Any) -> Any | None:
+    """Record that the next attempt waits until ``retry_at`` (an open breaker).
+
+    Consumes no attempt and changes no status. Returns since when the task has been
+    deferred (the first deferral's time), or None when the task moved on meanwhile.
+    """
+    now = utcnow()
+    t = tasks_table
+    with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
+        row = conn.execute(
+            update(t)
+            .where(
+                t.c.id == task_id,
+                t.c.status == TaskStatus.IN_PROGRESS,
+                t.c.attempts == attempts,
+                (t.c.lease_expires_at.is_(None)) | (t.c.lease_expires_at < now),
+            )
+            .values(
+                not_before=retry_at,
+                deferred_since=func.coalesce(
+                    t.c.deferred_since, literal(now, t.c.deferred_since.type)
+                ),
+                updated_at=now,
+            )
+            .returning(t.c.deferred_since)
+        ).first()
+    return row[0] if row is not None else None

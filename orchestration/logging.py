@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -18,6 +19,21 @@ from orchestration.redact import redact_text, redact_value
 
 def _redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
     return {k: redact_value(k, v) for k, v in event_dict.items()}
+
+
+def _hop_duration(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """A hop binds ``hop_clock`` (perf_counter at its start); its lines show ``duration_ms``."""
+    started = event_dict.pop("hop_clock", None)
+    if started is not None:
+        event_dict["duration_ms"] = round((time.perf_counter() - started) * 1000.0, 2)
+    return event_dict
+
+
+def _redact_rendered(_logger: Any, _name: str, line: Any) -> Any:
+    """URLs inside a container or an object's repr only show once the line is rendered."""
+    return redact_text(line) if isinstance(line, str) else line
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -43,11 +59,13 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: Any = None
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _hop_duration,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             _redact,
             renderer,
+            _redact_rendered,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(file=stream),

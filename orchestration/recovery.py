@@ -97,7 +97,7 @@ def claim_stuck(db: Database, *, redrive_after_s: float, batch: int) -> list[Red
         elif status is TaskStatus.ASSIGNED:
             args = [row["id"]]
         else:
-            args = [row["id"], row["attempts"]]
+            args = [row["id"], row["attempts"], row["assigned_agent"]]
         redrives.append(
             Redrive(row["id"], status, HOP_FOR_STATUS[status], args, row["assigned_agent"])
         )

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from orchestration import constants as c
@@ -32,6 +32,12 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="Redis for shared breaker state; default: per-process state"
     )
+    broker_key_prefix: str = Field(
+        default="", description="prefix of every broker key on Redis (several deployments, one Redis)"
+    )
+    breaker_namespace: str = Field(
+        default=c.DEFAULT_BREAKER_NAMESPACE, description="prefix of the breaker keys on Redis"
+    )
     data_dir: Path = Path(c.DEFAULT_DATA_DIR)
     agents: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(c.DEFAULT_AGENT_MODULES),
@@ -39,6 +45,11 @@ class Settings(BaseSettings):
     )
     log_format: str = Field(default="auto", pattern="^(auto|json|console)$")
     log_level: str = "INFO"
+    metrics_auth: SecretStr | None = Field(
+        default=None, description="user:password that `taskrail metrics` requires"
+    )
+    metrics_host: str = c.DEFAULT_METRICS_HOST
+    metrics_port: int = Field(default=c.DEFAULT_METRICS_PORT, ge=1, le=65535)
 
     prefetch_multiplier: int = Field(default=c.DEFAULT_PREFETCH_MULTIPLIER, ge=1)
     visibility_timeout_s: int = Field(default=c.DEFAULT_VISIBILITY_TIMEOUT_S, ge=60)

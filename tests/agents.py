@@ -14,15 +14,23 @@ import redis
 from orchestration.agents import TaskView, agent
 
 
+def key(name: str) -> str:
+    """A test key under this test session's prefix."""
+    return os.environ.get("TASKRAIL_TEST_KEY_PREFIX", "") + name
+
+
 def _counter() -> redis.Redis:
-    return redis.Redis.from_url(os.environ.get("TASKRAIL_REDIS_URL", "redis://127.0.0.1:6379/10"))
+    """Where test agents count their calls: the machine's Redis, database 10."""
+    return redis.Redis.from_url(
+        os.environ.get("TASKRAIL_TEST_COUNTER_URL", "redis://127.0.0.1:6379/10")
+    )
 
 
 @agent("echo_agent", task_types=["echo"])
 def echo(task: TaskView) -> dict[str, Any]:
     """Returns its payload; counts its calls per task in Redis (``calls:<task id>``)."""
     if task.payload.get("count_calls"):
-        _counter().incr(f"calls:{task.id}")
+        _counter().incr(key(f"calls:{task.id}"))
     sleep_s = float(task.payload.get("sleep_s", 0))
     if sleep_s:
         time.sleep(sleep_s)
@@ -36,8 +44,44 @@ def bad_result(task: TaskView) -> Any:
 
 @agent("slow_agent", task_types=["slow"], time_limit_s=3600)
 def slow(task: TaskView) -> dict[str, Any]:
-    """Counts calls (``calls:<id>``); the first call sleeps ``first_sleep_s`` (a long outside call)."""
-    calls = _counter().incr(f"calls:{task.id}")
+    """Counts calls (``calls:<id>``); the first sleeps ``first_sleep_s`` (a long outside call)."""
+    calls = _counter().incr(key(f"calls:{task.id}"))
     if calls == 1:
         time.sleep(float(task.payload.get("first_sleep_s", 0)))
     return {"calls": calls}
+
+
+def _service_call(task: TaskView, flag: str) -> dict[str, Any]:
+    """A call to an outside service that is down while the Redis key ``flag`` is "1"."""
+    counter = _counter()
+    counter.incr(key(f"{flag}:calls"))
+    if counter.get(key(flag)) == b"1":
+        raise ConnectionError("tax service unreachable")
+    return {"served": task.id}
+
+
+@agent("svc_agent", task_types=["svc"], fail_max=3, reset_timeout_s=5, max_attempts=20)
+def svc(task: TaskView) -> dict[str, Any]:
+    return _service_call(task, "svc:down")
+
+
+@agent(
+    "svc_doomed_agent",
+    task_types=["svc_doomed"],
+    fail_max=1,
+    reset_timeout_s=1,
+    max_deferral_s=3,
+    max_attempts=20,
+)
+def svc_doomed(task: TaskView) -> dict[str, Any]:
+    return _service_call(task, "doomed:down")
+
+
+@agent("dual_broken_agent", task_types=["dual"], fail_max=2, reset_timeout_s=120, max_attempts=20)
+def dual_broken(task: TaskView) -> dict[str, Any]:
+    return _service_call(task, "dual_broken:down")
+
+
+@agent("dual_ok_agent", task_types=["dual"])
+def dual_ok(task: TaskView) -> dict[str, Any]:
+    return {"served": task.id}

@@ -18,7 +18,15 @@ from sqlalchemy import create_engine, text
 from orchestration import api
 from orchestration.db import Database
 from orchestration.settings import Settings, get_settings
-from tests.support import PG_ADMIN_URL, REDIS_HOST_URL, REPO, WorkerFleet
+from tests.support import (
+    BREAKER_NAMESPACE,
+    KEY_PREFIX,
+    PG_ADMIN_URL,
+    REDIS_HOST_URL,
+    REPO,
+    WorkerFleet,
+    purge,
+)
 
 BROKER_DB = 9
 BREAKER_DB = 10
@@ -71,13 +79,14 @@ def redis_server() -> str:
 @pytest.fixture
 def broker_url(redis_server: str) -> str:
     """A Redis database for the broker, flushed before the test."""
-    redis.Redis.from_url(f"{redis_server}/{BROKER_DB}").flushdb()
+    purge(f"{redis_server}/{BROKER_DB}", KEY_PREFIX)
     return f"{redis_server}/{BROKER_DB}"
 
 
 @pytest.fixture
 def breaker_redis_url(redis_server: str) -> str:
-    redis.Redis.from_url(f"{redis_server}/{BREAKER_DB}").flushdb()
+    purge(f"{redis_server}/{BREAKER_DB}", KEY_PREFIX)
+    purge(f"{redis_server}/{BREAKER_DB}", BREAKER_NAMESPACE)
     return f"{redis_server}/{BREAKER_DB}"
 
 
@@ -91,6 +100,9 @@ def server_env(
         TASKRAIL_DATABASE_URL=pg_url,
         TASKRAIL_BROKER_URL=broker_url,
         TASKRAIL_REDIS_URL=breaker_redis_url,
+        TASKRAIL_BROKER_KEY_PREFIX=KEY_PREFIX,
+        TASKRAIL_BREAKER_NAMESPACE=BREAKER_NAMESPACE,
+        TASKRAIL_TEST_KEY_PREFIX=KEY_PREFIX,
         TASKRAIL_AGENTS="demo_agents,tests.agents",
         TASKRAIL_LOG_FORMAT="json",
         TASKRAIL_RETRY_BACKOFF_BASE_S="0.1",

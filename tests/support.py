@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,23 @@ PG_ADMIN_URL = os.environ.get(
 )
 REDIS_HOST_URL = os.environ.get("TASKRAIL_TEST_REDIS", "redis://127.0.0.1:6379")
 RESTING = {"completed", "failed", "escalated"}
+
+# Every key this test session writes to the shared Redis starts with its own prefix, so
+# that two test sessions on one machine never consume each other's messages.
+SESSION = uuid.uuid4().hex[:8]
+KEY_PREFIX = f"t{SESSION}:"
+BREAKER_NAMESPACE = f"taskrail-{SESSION}"
+os.environ["TASKRAIL_TEST_KEY_PREFIX"] = KEY_PREFIX
+
+
+def purge(url: str, prefix: str) -> None:
+    """Delete this session's keys (never the whole database: other sessions share it)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    for i in range(0, len(keys), 500):
+        client.delete(*keys[i : i + 500])
 
 
 def celery_bin() -> str:
@@ -131,7 +149,11 @@ class WorkerFleet:
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 [celery_bin(), "-A", "workers", "beat", "-l", "INFO"],
-                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         beat = WorkerProcess(name, proc, log_path)
         self.workers.append(beat)
@@ -215,3 +237,58 @@ def assert_valid_path(task_id: int, path: list[tuple[str, str, str]], final: str
     assert str(probe.status) == final, (
         f"task {task_id}: events end at {probe.status}, row says {final}"
     )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class OwnRedis:
+    """A ``redis-server`` of the test's own on a spare port, to stop and restart at will."""
+
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> OwnRedis:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                return self
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Kill it (SIGKILL): everything it held is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

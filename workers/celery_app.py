@@ -37,6 +37,12 @@ def _setup_logging(**_: object) -> None:
     configure_logging(settings.log_format, settings.log_level)
 
 
+@signals.import_modules.connect
+def _make_data_dir(**_: object) -> None:
+    # Beat keeps its schedule file in TASKRAIL_DATA_DIR and does not create the folder.
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+
+
 @signals.worker_ready.connect
 def _announce_ready(sender: object = None, **_: object) -> None:
     from orchestration.logging import get_logger

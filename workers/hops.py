@@ -19,37 +19,25 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
-import uuid
+import time
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import structlog
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestration import constants as c
-from orchestration import leases
-from orchestration.agents import (
-    AgentSpec,
-    Escalate,
-    PermanentError,
-    TaskView,
-    ensure_json,
-    registry,
-)
+from orchestration import metrics
+from orchestration.agents import AgentSpec, registry
 from orchestration.errors import InfrastructureError, UnknownTaskType
 from orchestration.logging import get_logger
-from orchestration.models import TaskStatus, utcnow
-from orchestration.redact import redact_text
+from orchestration.models import TaskStatus
 from orchestration.transitions import Outcome, apply_transition
-from workers import messages
+from workers import execution, messages
 from workers.celery_app import app
 from workers.runtime import Runtime, runtime
 
 log = get_logger("taskrail.hop")
-
-MAX_ERROR_CHARS = 2000
 
 
 class HopTask(Task):
@@ -65,9 +53,11 @@ class HopTask(Task):
 @contextlib.contextmanager
 def hop_scope(task: Task, hop: str) -> Iterator[Runtime]:
     """Bind the hop's log context; drop malformed messages; retry on infrastructure errors."""
+    started = time.perf_counter()
     rt = runtime(app)
     structlog.contextvars.clear_contextvars()
-    structlog.contextvars.bind_contextvars(hop=hop, worker=rt.worker)
+    # hop_clock: log lines of this hop carry duration_ms (orchestration.logging).
+    structlog.contextvars.bind_contextvars(hop=hop, worker=rt.worker, hop_clock=started)
     try:
         yield rt
     except messages.MalformedMessage as err:
@@ -77,34 +67,27 @@ def hop_scope(task: Task, hop: str) -> Iterator[Runtime]:
         log.warning("hop_retry_later", error=str(err), countdown_s=round(delay, 2))
         raise task.retry(countdown=delay, exc=err) from None
     finally:
+        metrics.hop_duration(hop, time.perf_counter() - started)
         structlog.contextvars.clear_contextvars()
-
-
-def _explain_stale(rt: Runtime, task_id: int, expected: str) -> None:
-    """Log why a hop found nothing to do (duplicate, stale, or unknown task)."""
-    row = leases.describe(rt.db, task_id)
-    if row is None:
-        log.warning("message_dropped", task_id=task_id, reason="no such task")
-    else:
-        log.info(
-            "hop_skipped",
-            task_id=task_id,
-            reason="duplicate or stale message",
-            expected=expected,
-            status=str(row["status"]),
-            attempts=row["attempts"],
-            leased_by=row["lease_owner"],
-        )
 
 
 _round_robin = itertools.count()
 
 
-def choose_agent(specs: list[AgentSpec]) -> AgentSpec:
-    """Spread tasks of one type over the agents that handle it."""
+def choose_agent(rt: Runtime, specs: list[AgentSpec]) -> AgentSpec:
+    """Spread tasks of one type over its agents, preferring those whose breaker is closed."""
     if len(specs) == 1:
         return specs[0]
-    return specs[next(_round_robin) % len(specs)]
+    healthy = [spec for spec in specs if _breaker_closed(rt, spec)]
+    pool = healthy or specs
+    return pool[next(_round_robin) % len(pool)]
+
+
+def _breaker_closed(rt: Runtime, spec: AgentSpec) -> bool:
+    try:
+        return rt.breaker_for(spec).state == "closed"
+    except InfrastructureError:
+        return True  # unknown: do not rule the agent out; execute will check again
 
 
 @app.task(name=c.HOP_ASSIGN, base=HopTask, bind=True)
@@ -116,7 +99,7 @@ def assign(self: Task, *args: Any, **kwargs: Any) -> None:
         task_type = messages.task_type("assign", raw_type)
         structlog.contextvars.bind_contextvars(task_id=task_id)
         try:
-            spec = choose_agent(registry.for_task_type(task_type))
+            spec = choose_agent(rt, registry.for_task_type(task_type))
         except UnknownTaskType as err:
             # This worker lacks the agent module; leave the task for one that has it.
             log.error("no_agent_for_task_type", task_type=task_type, error=str(err))
@@ -131,7 +114,7 @@ def assign(self: Task, *args: Any, **kwargs: Any) -> None:
             guard={"task_type": task_type},
         )
         if result.outcome is not Outcome.APPLIED:
-            _explain_stale(rt, task_id, "pending")
+            execution.explain_stale(rt, task_id, "pending")
             return
         rt.dispatcher.send(c.HOP_START, [task_id])
 
@@ -152,127 +135,20 @@ def start(self: Task, *args: Any, **kwargs: Any) -> None:
             returning=("attempts", "assigned_agent"),
         )
         if result.outcome is not Outcome.APPLIED:
-            _explain_stale(rt, task_id, "assigned")
+            execution.explain_stale(rt, task_id, "assigned")
             return
-        send_execute(rt, task_id, result.row["attempts"], result.row["assigned_agent"])
-
-
-def send_execute(
-    rt: Runtime, task_id: int, attempts: int, agent: str | None, countdown: float | None = None
-) -> None:
-    """Send the execute hop with the agent's time limits."""
-    spec = registry.find(agent) if agent else None
-    limits = spec.time_limits() if spec is not None else {}
-    rt.dispatcher.send(c.HOP_EXECUTE, [task_id, attempts], countdown=countdown, **limits)
+        execution.send_execute(rt, task_id, result.row["attempts"], result.row["assigned_agent"])
 
 
 @app.task(name=c.HOP_EXECUTE, base=HopTask, bind=True)
 def execute(self: Task, *args: Any, **kwargs: Any) -> None:
-    """Call the agent's handler under a lease; finish the task or schedule another attempt."""
+    """Call the agent's handler through its breaker, under a lease (workers.execution)."""
     with hop_scope(self, "execute") as rt:
-        raw_id, raw_attempts = messages.parse("execute", args, kwargs, ("task_id", "attempts"), 2)
+        raw_id, raw_attempts, raw_agent = messages.parse(
+            "execute", args, kwargs, ("task_id", "attempts", "agent"), 2
+        )
         task_id = messages.task_id("execute", raw_id)
         attempts = messages.attempts("execute", raw_attempts)
-        structlog.contextvars.bind_contextvars(task_id=task_id)
-        token = f"{rt.worker}/{uuid.uuid4().hex[:12]}"
-        claimed = leases.claim(rt.db, task_id, attempts, token, rt.settings.lease_ttl_s)
-        if claimed is None:
-            _explain_stale(rt, task_id, f"in_progress at attempt {attempts + 1}, not leased")
-            return
-        structlog.contextvars.bind_contextvars(agent=claimed.agent, attempt=claimed.attempt)
-        _run_claimed(rt, claimed)
-
-
-def _finish(
-    rt: Runtime, claimed: leases.Claim, event: str, *, reason: str | None = None, result: Any = None
-) -> None:
-    values: dict[str, Any] = {"lease_owner": None, "lease_expires_at": None, "not_before": None}
-    if event == "complete":
-        values["result"] = result
-    else:
-        values["last_error"] = reason
-    outcome = apply_transition(
-        rt.db,
-        claimed.task_id,
-        event,
-        expected=TaskStatus.IN_PROGRESS,
-        agent=claimed.agent,
-        reason=reason,
-        worker=rt.worker,
-        set_=values,
-        guard={"lease_owner": claimed.token},
-    )
-    if outcome.outcome is not Outcome.APPLIED:
-        log.warning("lease_lost", event=event, reason="another worker took the task over")
-
-
-def _error_text(err: BaseException) -> str:
-    text = f"{type(err).__name__}: {err}"
-    return redact_text(text)[:MAX_ERROR_CHARS]
-
-
-def backoff_s(rt: Runtime, attempt: int) -> float:
-    """Exponential backoff with jitter before attempt ``attempt + 1``."""
-    cap = min(
-        rt.settings.retry_backoff_max_s, rt.settings.retry_backoff_base_s * 2 ** (attempt - 1)
-    )
-    return cap * random.uniform(0.5, 1.0)
-
-
-def _run_claimed(rt: Runtime, claimed: leases.Claim) -> None:
-    spec = registry.find(claimed.agent) if claimed.agent else None
-    if spec is None:
-        _finish(
-            rt,
-            claimed,
-            "escalate",
-            reason=f"agent {claimed.agent!r} is not registered on any worker that took the task",
-        )
-        return
-    if claimed.attempt > spec.max_attempts:
-        _finish(
-            rt,
-            claimed,
-            "fail",
-            reason=(
-                f"gave up after {claimed.attempt - 1} attempts; "
-                "the worker running the last one was lost"
-            ),
-        )
-        return
-    view = TaskView.build(
-        claimed.task_id, claimed.client_id, claimed.task_type, claimed.payload, claimed.attempt
-    )
-    try:
-        with rt.leases.hold(claimed.task_id, claimed.token):
-            result = spec.handler(view)
-    except Escalate as signal:
-        _finish(rt, claimed, "escalate", reason=signal.reason)
-    except PermanentError as signal:
-        _finish(rt, claimed, "fail", reason=signal.reason)
-    except SoftTimeLimitExceeded:
-        _transient(rt, spec, claimed, f"time limit of {spec.time_limit_s:g}s exceeded")
-    except Exception as err:  # any other exception is transient by contract
-        _transient(rt, spec, claimed, _error_text(err))
-    else:
-        try:
-            ensure_json(result)
-        except (TypeError, ValueError) as err:
-            _finish(rt, claimed, "fail", reason=f"result is not JSON-serialisable: {err}")
-            return
-        _finish(rt, claimed, "complete", result=result)
-
-
-def _transient(rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str) -> None:
-    if claimed.attempt >= spec.max_attempts:
-        _finish(rt, claimed, "fail", reason=f"gave up after {claimed.attempt} attempts: {error}")
-        return
-    delay = backoff_s(rt, claimed.attempt)
-    retry_at = utcnow() + timedelta(seconds=delay)
-    if not leases.release_for_retry(rt.db, claimed.task_id, claimed.token, error, retry_at):
-        log.warning("lease_lost", event="retry", reason="another worker took the task over")
-        return
-    log.info(
-        "attempt_failed", error=error, retry_in_s=round(delay, 2), max_attempts=spec.max_attempts
-    )
-    send_execute(rt, claimed.task_id, claimed.attempt, claimed.agent, countdown=delay)
+        agent = messages.agent_name("execute", raw_agent)
+        structlog.contextvars.bind_contextvars(task_id=task_id, agent=agent)
+        execution.execute(rt, task_id, attempts, agent)

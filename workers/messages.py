@@ -53,3 +53,11 @@ def task_type(hop: str, value: Any) -> str:
     if not isinstance(value, str) or not value or len(value) > 64:
         raise MalformedMessage(hop, f"task_type must be a short string, got {value!r}")
     return value
+
+
+def agent_name(hop: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > 128:
+        raise MalformedMessage(hop, f"agent must be a short string, got {value!r}")
+    return value

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from celery import Celery, signals
 
-from orchestration.agents import load_agent_modules
+from orchestration.agents import AgentSpec, Escalate, PermanentError, load_agent_modules
+from orchestration.breakers import BreakerBoard, SharedBreaker
 from orchestration.db import Database
 from orchestration.dispatch import Dispatcher
 from orchestration.leases import LeaseKeeper
@@ -27,6 +28,17 @@ class Runtime:
     dispatcher: Dispatcher
     worker: str  # host:pid, recorded on every event this process writes
     leases: LeaseKeeper
+    breakers: BreakerBoard
+
+    def breaker_for(self, spec: AgentSpec) -> SharedBreaker:
+        """The shared breaker guarding calls to ``spec``'s handler."""
+        return self.breakers.breaker(
+            spec.breaker_name,
+            fail_max=spec.fail_max,
+            reset_timeout_s=spec.reset_timeout_s,
+            exclude=(Escalate, PermanentError, *spec.breaker_excludes),
+            trial_lease_s=spec.time_limit_s + 10,
+        )
 
 
 _lock = threading.Lock()
@@ -50,6 +62,7 @@ def runtime(app: Celery) -> Runtime:
                 dispatcher=Dispatcher(app),
                 worker=f"{socket.gethostname()}:{os.getpid()}",
                 leases=LeaseKeeper(db, settings.lease_ttl_s),
+                breakers=BreakerBoard(settings.redis_url, namespace=settings.breaker_namespace),
             )
             _pid = os.getpid()
     return _runtime

@@ -15,6 +15,7 @@ from demo_agents import expected_status, scenario_for
 from orchestration import api
 from orchestration.api import NewTask
 from orchestration.dispatch import Dispatcher, make_celery
+from tests.agents import key
 from tests.support import (
     WorkerFleet,
     assert_valid_path,
@@ -30,9 +31,7 @@ EVENTS_TO_REST = {"completed": 3, "failed": 3, "escalated": 3}
 
 
 def _demo_items(n: int) -> list[NewTask]:
-    return [
-        NewTask(DEMO_TYPES[i % 3], 5000 + i, {"scenario": scenario_for(i)}) for i in range(n)
-    ]
+    return [NewTask(DEMO_TYPES[i % 3], 5000 + i, {"scenario": scenario_for(i)}) for i in range(n)]
 
 
 def _check_every_task(pg_url: str, ids: list[int], items: list[NewTask]) -> None:
@@ -50,7 +49,9 @@ def _check_every_task(pg_url: str, ids: list[int], items: list[NewTask]) -> None
         assert (results[task_id] is not None) == (want == "completed")
 
 
-def test_500_demo_tasks_through_two_workers(server_settings, pg_url: str, fleet: WorkerFleet) -> None:
+def test_500_demo_tasks_through_two_workers(
+    server_settings, pg_url: str, fleet: WorkerFleet
+) -> None:
     # Given two worker processes on the real servers
     fleet.start(concurrency=2)
     fleet.start(concurrency=2)
@@ -104,12 +105,12 @@ def test_bad_messages_are_dropped_and_the_worker_keeps_going(
         producer = Producer(conn.channel(), exchange=exchange, routing_key="taskrail.hops")
         headers = {"task": "taskrail.start", "id": "not-json-1", "lang": "py"}
         producer.publish(
-            b"{this is not json", content_type="application/json", content_encoding="utf-8",
+            b"{this is not json",
+            content_type="application/json",
+            content_encoding="utf-8",
             headers=headers,
         )
-        producer.publish(
-            [[1], {}, {}], serializer="pickle", headers={**headers, "id": "pickled-1"}
-        )
+        producer.publish([[1], {}, {}], serializer="pickle", headers={**headers, "id": "pickled-1"})
     # Then a real task submitted afterwards still completes
     task_id = api.submit("personal_tax", 77, {"scenario": "ok"})
     statuses = wait_until_resting(pg_url, [task_id], timeout=60)
@@ -129,7 +130,7 @@ def test_bad_messages_are_dropped_and_the_worker_keeps_going(
         assert conn.execute(text("SELECT count(*) FROM task_events")).scalar() == 3
     engine.dispose()
     # and the broker queue is drained (nothing stuck for redelivery)
-    assert redis.Redis.from_url(broker_url).llen("taskrail.hops") == 0
+    assert redis.Redis.from_url(broker_url).llen(key("taskrail.hops")) == 0
 
 
 def test_demo_on_the_embedded_default(tmp_path: Path) -> None:

@@ -8,7 +8,15 @@ import pytest
 import redis
 
 from orchestration import api
-from tests.support import WorkerFleet, assert_valid_path, event_paths, wait_until_resting
+from tests.agents import key
+from tests.support import (
+    KEY_PREFIX,
+    WorkerFleet,
+    assert_valid_path,
+    event_paths,
+    purge,
+    wait_until_resting,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +31,7 @@ def test_lost_messages_are_redriven_by_the_sweeper(
 ) -> None:
     # Given 200 submitted tasks whose messages are all lost (as in a Redis restart)
     ids = api.submit_many([{"task_type": "payroll", "client_id": i} for i in range(200)])
-    redis.Redis.from_url(broker_url).flushdb()
+    purge(broker_url, KEY_PREFIX)
     # When workers and beat run
     fleet.start(concurrency=2, extra_env=FAST_SWEEP)
     fleet.start_beat(extra_env=FAST_SWEEP)
@@ -46,7 +54,7 @@ def test_worker_killed_mid_handler_with_one_hour_limit_is_redriven_within_60s(
     fleet.start_beat()
     task_id = api.submit("slow", 1, {"first_sleep_s": 600})
     deadline = time.monotonic() + 30
-    while calls.get(f"calls:{task_id}") is None:
+    while calls.get(key(f"calls:{task_id}")) is None:
         assert time.monotonic() < deadline, "handler never started"
         time.sleep(0.1)
     # When the worker is killed with SIGKILL mid-handler and a new one starts
@@ -57,6 +65,6 @@ def test_worker_killed_mid_handler_with_one_hour_limit_is_redriven_within_60s(
     statuses = wait_until_resting(pg_url, [task_id], timeout=60)
     assert statuses[task_id] == "completed"
     assert time.monotonic() - killed_at < 60
-    assert int(calls.get(f"calls:{task_id}")) == 2
+    assert int(calls.get(key(f"calls:{task_id}"))) == 2
     assert_valid_path(task_id, event_paths(pg_url)[task_id], "completed")
     assert api.get(task_id).attempts == 2

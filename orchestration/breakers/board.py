@@ -1,0 +1,218 @@
+"""BreakerBoard: the breakers of one process, over one Redis connection pool (or memory)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import pybreaker
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from orchestration import constants as c
+from orchestration.breakers.breaker import SharedBreaker
+from orchestration.breakers.model import (
+    STATE_OPEN,
+    BreakerInfo,
+    BreakerNotFound,
+    BreakerStateChange,
+    BreakerStateUnavailable,
+)
+from orchestration.breakers.storage import (
+    CountingRedis,
+    MemoryBreakerStorage,
+    RedisBreakerStorage,
+    Scripts,
+    redis_infos,
+)
+from orchestration.errors import ConfigurationError
+from orchestration.logging import get_logger
+from orchestration.redact import redact_url
+
+log = get_logger(__name__)
+
+StateChangeHook = Callable[[BreakerStateChange], None]
+
+
+class BreakerBoard:
+    """Every breaker of this process, by name, sharing one storage.
+
+    ``redis_url`` names the Redis that holds the shared state; ``None`` keeps state in
+    this process (the embedded default). ``redis_options`` go to ``redis.Redis.from_url``
+    (``decode_responses`` either way is fine). No connection is made until a breaker is
+    used. ``on_state_change`` is called once, in the process that made it, for every
+    transition (closed->open, open->half-open, half-open->closed/open, reset); its
+    exceptions are logged, never raised.
+    """
+
+    def __init__(
+        self,
+        redis_url: str | None,
+        *,
+        namespace: str = c.DEFAULT_BREAKER_NAMESPACE,
+        cache_ttl_s: float = c.DEFAULT_BREAKER_CACHE_TTL_S,
+        trial_lease_s: float = c.DEFAULT_BREAKER_TRIAL_LEASE_S,
+        on_state_change: StateChangeHook | None = None,
+        redis_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.namespace = namespace
+        self.trial_lease_s = trial_lease_s
+        self.on_state_change = on_state_change
+        self._lock = threading.Lock()
+        self._breakers: dict[str, SharedBreaker] = {}
+        self._memory: dict[str, MemoryBreakerStorage] = {}
+        self._client: CountingRedis | None = None
+        self._scripts: Scripts | None = None
+        if redis_url is None:
+            self.where = "memory"
+            self.cache_ttl_s = 0.0  # reading process memory costs nothing
+            return
+        self.where = redact_url(redis_url)
+        self.cache_ttl_s = cache_ttl_s
+        options: dict[str, Any] = {
+            "socket_timeout": c.BREAKER_REDIS_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": c.BREAKER_REDIS_CONNECT_TIMEOUT_S,
+            # One quick retry survives a pooled connection that died with a Redis restart.
+            "retry": Retry(ExponentialWithJitterBackoff(cap=0.05, base=0.01), 1),
+        }
+        options.update(redis_options or {})
+        client: CountingRedis = CountingRedis.from_url(redis_url, **options)  # type: ignore[assignment]
+        self._client = client
+        self._scripts = Scripts(client)
+
+    @property
+    def shared(self) -> bool:
+        """Whether the state lives in Redis (shared by every process)."""
+        return self._client is not None
+
+    def breaker(
+        self,
+        name: str,
+        *,
+        fail_max: int,
+        reset_timeout_s: float,
+        exclude: tuple[type[BaseException], ...] = (),
+        trial_lease_s: float | None = None,
+    ) -> SharedBreaker:
+        """The breaker ``name``, made on first use and cached; later calls apply new settings.
+
+        ``exclude``: exception types that say nothing about the downstream's health
+        (business outcomes); they count as successes. ``trial_lease_s``: how long one
+        half-open trial may hold the cluster-wide lease (default: the board's).
+        Raises ConfigurationError for a non-positive ``fail_max`` or ``reset_timeout_s``.
+        """
+        if fail_max < 1:
+            raise ConfigurationError(f"breaker {name!r}: fail_max must be >= 1")
+        if reset_timeout_s <= 0:
+            raise ConfigurationError(f"breaker {name!r}: reset_timeout_s must be > 0")
+        lease_s = self.trial_lease_s if trial_lease_s is None else trial_lease_s
+        with self._lock:
+            existing = self._breakers.get(name)
+            if existing is not None:
+                existing.configure(
+                    fail_max=fail_max,
+                    reset_timeout_s=reset_timeout_s,
+                    exclude=tuple(exclude),
+                    trial_lease_s=lease_s,
+                )
+                return existing
+            made = SharedBreaker(
+                self,
+                name,
+                self._storage(name),
+                fail_max=fail_max,
+                reset_timeout_s=reset_timeout_s,
+                exclude=tuple(exclude),
+                trial_lease_s=lease_s,
+                cache_ttl_s=self.cache_ttl_s,
+            )
+            self._breakers[name] = made
+            return made
+
+    def _storage(self, name: str) -> RedisBreakerStorage | MemoryBreakerStorage:
+        if self._client is None or self._scripts is None:
+            return self._memory.setdefault(name, MemoryBreakerStorage(name))
+        return RedisBreakerStorage(self._client, self._scripts, self.namespace, name)
+
+    def list(self) -> list[BreakerInfo]:
+        """Every breaker known to the storage (in Redis: registered by any process), by name.
+
+        Raises BreakerStateUnavailable when Redis cannot be reached.
+        """
+        if self._client is None:
+            with self._lock:
+                storages = list(self._memory.values())
+            return sorted((s.info() for s in storages), key=lambda i: i.name)
+        try:
+            return redis_infos(self._client, self.namespace)
+        except RedisError as err:
+            log.error("breaker_state_unavailable", op="list", where=self.where, error=repr(err))
+            raise BreakerStateUnavailable("*", self.where, repr(err)) from err
+
+    def reset(self, name: str) -> None:
+        """Operator: close breaker ``name`` and zero its counter, for every process.
+
+        Raises BreakerNotFound when no process ever registered ``name``, and
+        BreakerStateUnavailable when Redis cannot be reached.
+        """
+        with self._lock:
+            local = self._breakers.get(name)
+        if local is not None:
+            local.reset()
+            return
+        if self._client is None:
+            # In memory a breaker exists only once this board made it.
+            raise BreakerNotFound(name, list(self._memory))
+        try:
+            reply = self._storage(name).reset(known_only=True)
+        except RedisError as err:
+            log.error(
+                "breaker_state_unavailable",
+                name=name,
+                op="reset",
+                where=self.where,
+                error=repr(err),
+            )
+            raise BreakerStateUnavailable(name, self.where, repr(err)) from err
+        if reply.verdict == "unknown":
+            raise BreakerNotFound(name, [i.name for i in self.list()])
+        if reply.changed_from is not None:
+            self._emit(name, reply.changed_from, reply.snapshot.state, reply.snapshot.fail_count)
+
+    def command_count(self) -> int:
+        """Redis commands this board has sent so far (0 in memory)."""
+        return self._client.commands if self._client is not None else 0
+
+    def close(self) -> None:
+        """Release the Redis connections (the board can still be used; it reconnects)."""
+        if self._client is not None:
+            self._client.close()
+
+    def _emit(
+        self,
+        name: str,
+        old: str,
+        new: str,
+        fail_count: int,
+        circuit: pybreaker.CircuitBreaker | None = None,
+    ) -> None:
+        """One transition: a log line, pybreaker listeners, the board's hook."""
+        emit = log.warning if new == STATE_OPEN else log.info
+        emit("breaker_state_change", name=name, old=old, new=new, fail_count=fail_count)
+        if circuit is not None:
+            for listener in circuit.listeners:
+                try:
+                    listener.state_change(
+                        circuit, circuit._create_new_state(old), circuit._create_new_state(new)
+                    )
+                except Exception:
+                    log.exception("breaker_listener_failed", name=name, listener=repr(listener))
+        if self.on_state_change is not None:
+            change = BreakerStateChange(name, old, new, fail_count, datetime.now(UTC))
+            try:
+                self.on_state_change(change)
+            except Exception:
+                log.exception("breaker_listener_failed", name=name, listener="on_state_change")

@@ -1,0 +1,384 @@
+"""SharedBreaker: one downstream's breaker, its state shared through a storage.
+
+The call path is split in three (``before_call`` -> the caller's own call ->
+``on_success``/``on_failure``) so no lock is ever held while the downstream runs, and so
+the execute hop can turn a refusal into a deferral. :class:`_Circuit` is the pybreaker
+``CircuitBreaker`` underneath: it holds the configuration (``fail_max``,
+``reset_timeout``, excluded exceptions, listeners) and routes pybreaker's own entry
+points (``call``, the decorator, ``open()``/``close()``) to the shared, atomic path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pybreaker
+from redis.exceptions import RedisError
+
+from orchestration.breakers.model import (
+    STATE_CLOSED,
+    STATE_OPEN,
+    BreakerOpen,
+    BreakerStateUnavailable,
+    Permit,
+    Reply,
+    Snapshot,
+    ms_to_datetime,
+)
+from orchestration.breakers.storage import BreakerStorage
+from orchestration.logging import get_logger
+
+if TYPE_CHECKING:
+    from orchestration.breakers.board import BreakerBoard
+
+T = TypeVar("T")
+log = get_logger(__name__)
+
+
+class SharedBreaker:
+    """A circuit breaker whose state every process sharing the storage sees.
+
+    - ``before_call()`` returns a :class:`Permit` or raises :class:`BreakerOpen`
+      (nothing called) or :class:`BreakerStateUnavailable` (state unknown: do not call).
+      While closed it costs no Redis command unless the cached view is older than the
+      board's ``cache_ttl_s``. Once the reset timeout has passed, exactly one caller in
+      the cluster gets a trial permit (a lease in Redis, ``SET NX PX``).
+    - ``on_success(permit)`` / ``on_failure(permit, exc)`` record the outcome; they never
+      raise for a storage error (the outcome is logged as lost and the cached view is
+      dropped, so the next ``before_call`` asks the storage again).
+    """
+
+    def __init__(
+        self,
+        board: BreakerBoard,
+        name: str,
+        storage: BreakerStorage,
+        *,
+        fail_max: int,
+        reset_timeout_s: float,
+        exclude: tuple[type[BaseException], ...],
+        trial_lease_s: float,
+        cache_ttl_s: float,
+    ) -> None:
+        self.name = name
+        self._board = board
+        self._storage = storage
+        self._cache_ttl_s = cache_ttl_s
+        self._trial_lease_s = trial_lease_s
+        self._snap: Snapshot | None = None
+        self._snap_lock = threading.Lock()  # guards only the swap of the cached view
+        self._registered = False
+        self.circuit = _Circuit(
+            self, fail_max=fail_max, reset_timeout=reset_timeout_s, exclude=exclude, name=name
+        )
+        self.circuit._state_storage = storage  # type: ignore[assignment]
+
+    # -- configuration ---------------------------------------------------------------
+
+    @property
+    def fail_max(self) -> int:
+        return self.circuit.fail_max
+
+    @property
+    def reset_timeout_s(self) -> float:
+        return float(self.circuit.reset_timeout)
+
+    def configure(
+        self,
+        *,
+        fail_max: int,
+        reset_timeout_s: float,
+        exclude: tuple[type[BaseException], ...],
+        trial_lease_s: float,
+    ) -> None:
+        """Apply new settings (a later ``board.breaker()`` call with other values)."""
+        if (fail_max, reset_timeout_s) != (self.fail_max, self.reset_timeout_s):
+            self._registered = False  # write the new settings with the next read
+        self.circuit.fail_max = fail_max
+        self.circuit.reset_timeout = reset_timeout_s
+        self.circuit._excluded_exceptions = list(exclude)  # type: ignore[arg-type]
+        self._trial_lease_s = trial_lease_s
+
+    @property
+    def _reset_ms(self) -> int:
+        return int(self.reset_timeout_s * 1000)
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """``closed``, ``open`` or ``half-open`` (cached up to ``cache_ttl_s``).
+
+        Raises BreakerStateUnavailable when the state has to be read and cannot be.
+        """
+        return self._current().state
+
+    @property
+    def fail_count(self) -> int:
+        """Consecutive failures counted so far (cached like ``state``)."""
+        return self._current().fail_count
+
+    @property
+    def opened_at(self) -> datetime | None:
+        return ms_to_datetime(self._current().opened_at_ms)
+
+    def _current(self) -> Snapshot:
+        snap = self._snap
+        if snap is not None and time.monotonic() - snap.read_mono < self._cache_ttl_s:
+            return snap
+        register = not self._registered
+        reply = self._ask(
+            "read",
+            lambda: self._storage.read(
+                register=register, fail_max=self.fail_max, reset_ms=self._reset_ms
+            ),
+        )
+        self._registered = True
+        return reply.snapshot
+
+    def _absorb(self, reply: Reply) -> None:
+        with self._snap_lock:
+            current = self._snap
+            if current is None or reply.snapshot.now_ms >= current.now_ms:
+                self._snap = reply.snapshot
+        if reply.changed_from is not None:
+            snap = reply.snapshot
+            self._board._emit(
+                self.name, reply.changed_from, snap.state, snap.fail_count, self.circuit
+            )
+
+    def _forget(self) -> None:
+        with self._snap_lock:
+            self._snap = None
+
+    def _ask(self, op: str, fn: Callable[[], Reply]) -> Reply:
+        """Run a storage operation whose answer decides whether to call; fail closed."""
+        try:
+            reply = fn()
+        except RedisError as err:
+            self._forget()
+            log.error(
+                "breaker_state_unavailable",
+                name=self.name,
+                op=op,
+                where=self._board.where,
+                error=repr(err),
+            )
+            raise BreakerStateUnavailable(self.name, self._board.where, repr(err)) from err
+        self._absorb(reply)
+        return reply
+
+    def _tell(self, op: str, fn: Callable[[], Reply]) -> None:
+        """Record an outcome; a storage error loses it (logged), never raises."""
+        try:
+            reply = fn()
+        except RedisError as err:
+            self._forget()
+            log.warning(
+                "breaker_outcome_not_recorded",
+                name=self.name,
+                op=op,
+                where=self._board.where,
+                error=repr(err),
+            )
+            return
+        self._absorb(reply)
+
+    # -- the call path ---------------------------------------------------------------
+
+    def before_call(self) -> Permit:
+        """A permit to call the downstream once.
+
+        Raises BreakerOpen (with ``remaining_s`` until the next trial) while open, or
+        while another caller holds the half-open trial; raises BreakerStateUnavailable
+        when the shared state cannot be read.
+        """
+        snap = self._current()
+        if snap.state == STATE_CLOSED:
+            return Permit(self.name, trial=False, epoch=snap.epoch)
+        if snap.state == STATE_OPEN:
+            remaining_s = snap.remaining_s(time.monotonic())
+            if remaining_s > 0:
+                raise BreakerOpen(self.name, remaining_s, ms_to_datetime(snap.opened_at_ms))
+        token = uuid.uuid4().hex
+        lease_ms = max(1, int(self._trial_lease_s * 1000))
+        reply = self._ask("acquire_trial", lambda: self._storage.acquire_trial(token, lease_ms))
+        snap = reply.snapshot
+        if reply.verdict == "closed":
+            return Permit(self.name, trial=False, epoch=snap.epoch)
+        if reply.verdict == "trial":
+            return Permit(self.name, trial=True, epoch=snap.epoch, token=token)
+        wait_s = reply.wait_ms / 1000
+        if reply.verdict == "busy":
+            # The trial usually ends long before its lease; if it fails a fresh reset
+            # timeout starts anyway, so waiting longer than that gains nothing.
+            wait_s = min(wait_s, self.reset_timeout_s)
+        raise BreakerOpen(self.name, wait_s, ms_to_datetime(snap.opened_at_ms), state=snap.state)
+
+    def on_success(self, permit: Permit) -> None:
+        """Record a successful call. Writes only when there is a failure count to zero."""
+        self._check(permit)
+        if permit.trial:
+            token = permit.token or ""
+            self._tell(
+                "finish_trial", lambda: self._storage.finish_trial(token, True, self._reset_ms)
+            )
+            return
+        snap = self._snap
+        if snap is None or (
+            snap.state == STATE_CLOSED and snap.epoch == permit.epoch and snap.fail_count > 0
+        ):
+            self._tell("record_success", lambda: self._storage.record_success(permit.epoch))
+
+    def on_failure(self, permit: Permit, exc: BaseException) -> None:
+        """Record a failed call.
+
+        An excluded exception counts as a success. A ``BaseException`` that is not an
+        ``Exception`` (KeyboardInterrupt, SystemExit: the caller is going away) is no
+        verdict on the downstream: a trial's lease is released, nothing is counted.
+        """
+        self._check(permit)
+        if not isinstance(exc, Exception):
+            if permit.trial:
+                token = permit.token or ""
+                self._tell("abandon_trial", lambda: self._storage.abandon_trial(token))
+            return
+        if not self.circuit.is_system_error(exc):
+            self.on_success(permit)
+            return
+        if permit.trial:
+            token = permit.token or ""
+            self._tell(
+                "finish_trial", lambda: self._storage.finish_trial(token, False, self._reset_ms)
+            )
+        else:
+            self._tell(
+                "record_failure",
+                lambda: self._storage.record_failure(permit.epoch, self.fail_max, self._reset_ms),
+            )
+
+    def abandon(self, permit: Permit) -> None:
+        """Give a permit back unused (the call was not made): no verdict is recorded.
+
+        A half-open trial's cluster-wide lease is released so another caller can try.
+        """
+        self._check(permit)
+        if permit.trial:
+            token = permit.token or ""
+            self._tell("abandon_trial", lambda: self._storage.abandon_trial(token))
+
+    def _check(self, permit: Permit) -> None:
+        if permit.name != self.name:
+            raise ValueError(f"permit of breaker {permit.name!r} given to breaker {self.name!r}")
+
+    def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``func(*args, **kwargs)`` through the breaker; its exception propagates as is.
+
+        Raises BreakerOpen / BreakerStateUnavailable before calling. No lock is held
+        while ``func`` runs.
+        """
+        permit = self.before_call()
+        try:
+            result = func(*args, **kwargs)
+        except BaseException as exc:
+            self.on_failure(permit, exc)
+            raise
+        self.on_success(permit)
+        return result
+
+    @contextlib.contextmanager
+    def calling(self) -> Iterator[Permit]:
+        """``with breaker.calling(): ...`` guards the block like :meth:`call`."""
+        permit = self.before_call()
+        try:
+            yield permit
+        except BaseException as exc:
+            self.on_failure(permit, exc)
+            raise
+        self.on_success(permit)
+
+    # -- operator --------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Close the breaker and zero its counter, for every process."""
+        self._ask("reset", self._storage.reset)
+
+    def force_open(self) -> None:
+        """Open the breaker now, for every process (a fresh reset timeout starts)."""
+        self._ask("force_open", lambda: self._storage.force_open(self._reset_ms))
+
+    def __repr__(self) -> str:
+        return f"<SharedBreaker {self.name} fail_max={self.fail_max}>"
+
+
+class _Circuit(pybreaker.CircuitBreaker):
+    """pybreaker's CircuitBreaker, configured as usual, driven through SharedBreaker.
+
+    Stock ``call`` holds ``self._lock`` around the guarded call (callers serialise) and
+    its ``state`` getter writes to the storage when its cached state object is stale;
+    neither happens here.
+    """
+
+    def __init__(self, shared: SharedBreaker, **kwargs: Any) -> None:
+        # pybreaker reads the state while constructing; a memory placeholder keeps
+        # construction off Redis. SharedBreaker installs the real storage after.
+        self._shared: SharedBreaker | None = None
+        super().__init__(state_storage=pybreaker.CircuitMemoryStorage(STATE_CLOSED), **kwargs)
+        self._shared = shared
+
+    @property
+    def current_state(self) -> str:
+        if self._shared is None:  # still constructing
+            return STATE_CLOSED
+        return self._shared.state
+
+    @property
+    def state(self) -> Any:
+        return self._create_new_state(self.current_state)
+
+    @state.setter
+    def state(self, state_str: str) -> None:
+        raise AttributeError("breaker state changes only through SharedBreaker")
+
+    def is_system_error(self, exception: BaseException) -> bool:
+        # pybreaker tests `type(exclusion) is type`, so an exception class with a
+        # metaclass (ABCMeta) would be *called* as a predicate; test classes with isinstance.
+        for exclusion in self._excluded_exceptions:
+            if isinstance(exclusion, type):
+                if isinstance(exception, exclusion):
+                    return False
+            elif exclusion(exception):
+                return False
+        return True
+
+    @property
+    def shared(self) -> SharedBreaker:
+        assert self._shared is not None
+        return self._shared
+
+    def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self.shared.call(func, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def calling(self) -> Any:
+        with self.shared.calling():
+            yield
+
+    def call_async(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("taskrail breakers guard synchronous calls only")
+
+    def open(self) -> bool:
+        self.shared.force_open()
+        return self._throw_new_error_on_trip
+
+    def close(self) -> None:
+        self.shared.reset()
+
+    def half_open(self) -> None:
+        raise NotImplementedError("half-open is entered only by taking the trial lease")

@@ -1,0 +1,389 @@
+"""Where a breaker's state lives: Redis (shared by every process) or process memory.
+
+Both storages subclass pybreaker's own (:class:`pybreaker.CircuitRedisStorage`,
+:class:`pybreaker.CircuitMemoryStorage`) and keep its read/write interface working, but
+the breaker drives them only through the atomic operations below: ``read``,
+``record_failure``, ``record_success``, ``acquire_trial``, ``finish_trial``,
+``abandon_trial``, ``reset`` and ``force_open``, each one Lua script (one command) in
+Redis, or one short critical section in memory. Redis errors propagate
+(:class:`redis.exceptions.RedisError`); the breaker decides what they mean.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+import pybreaker
+import redis
+from redis.commands.core import Script
+
+from orchestration import constants as c
+from orchestration.breakers import lua
+from orchestration.breakers.model import (
+    STATE_CLOSED,
+    STATE_HALF_OPEN,
+    STATE_OPEN,
+    BreakerInfo,
+    Reply,
+    Snapshot,
+    ms_to_datetime,
+)
+
+
+class BreakerStorage(Protocol):
+    """The atomic operations a :class:`SharedBreaker` needs from its storage."""
+
+    def read(self, *, register: bool = False, fail_max: int = 0, reset_ms: int = 0) -> Reply: ...
+    def record_failure(self, epoch: int, fail_max: int, reset_ms: int) -> Reply: ...
+    def record_success(self, epoch: int) -> Reply: ...
+    def acquire_trial(self, token: str, lease_ms: int) -> Reply: ...
+    def finish_trial(self, token: str, ok: bool, reset_ms: int) -> Reply: ...
+    def abandon_trial(self, token: str) -> Reply: ...
+    def reset(self, *, known_only: bool = False) -> Reply: ...
+    def force_open(self, reset_ms: int) -> Reply: ...
+
+
+def breaker_keys(namespace: str, name: str) -> tuple[str, str, str]:
+    """The state hash, the registry set and the trial-lease key of breaker ``name``."""
+    return (
+        f"{namespace}:{c.BREAKER_KEY_SEGMENT}:{name}",
+        f"{namespace}:{c.BREAKER_REGISTRY_SEGMENT}",
+        f"{namespace}:{c.BREAKER_TRIAL_KEY_SEGMENT}:{name}",
+    )
+
+
+def _text(value: Any) -> str:
+    # decode_responses=True hands back str, the default bytes: accept both.
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _int_or_none(value: Any) -> int | None:
+    text = "" if value is None else _text(value)
+    return int(text) if text else None
+
+
+def parse_reply(raw: Sequence[Any]) -> Reply:
+    """A :class:`Reply` from a script's nine-string reply (see :mod:`.lua`)."""
+    state, fails, epoch, opened, nxt, now, changed, verdict, wait = (_text(v) for v in raw)
+    snapshot = Snapshot(
+        state=state,
+        fail_count=int(fails),
+        epoch=int(epoch),
+        opened_at_ms=_int_or_none(opened),
+        next_trial_ms=_int_or_none(nxt) if state == STATE_OPEN else None,
+        now_ms=int(now),
+        read_mono=time.monotonic(),
+    )
+    return Reply(snapshot, changed or None, verdict, int(wait))
+
+
+class CountingRedis(redis.Redis):
+    """A redis-py client that counts the commands it sends (for the overhead budget)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._count_lock = threading.Lock()
+        self._commands = 0
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.add_commands(1)
+        return super().execute_command(*args, **options)
+
+    def add_commands(self, n: int) -> None:
+        """Count ``n`` commands sent another way (a pipeline)."""
+        with self._count_lock:
+            self._commands += n
+
+    @property
+    def commands(self) -> int:
+        return self._commands
+
+
+class Scripts:
+    """The Lua scripts registered on one client (``EVALSHA``, loaded on first use)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.read = client.register_script(lua.READ)
+        self.failure = client.register_script(lua.FAILURE)
+        self.success = client.register_script(lua.SUCCESS)
+        self.trial = client.register_script(lua.TRIAL)
+        self.trial_done = client.register_script(lua.TRIAL_DONE)
+        self.abandon = client.register_script(lua.ABANDON)
+        self.reset = client.register_script(lua.RESET)
+        self.force_open = client.register_script(lua.FORCE_OPEN)
+
+
+class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
+    """One breaker's state in Redis, changed only by the atomic scripts of :mod:`.lua`.
+
+    pybreaker's own storage keeps ``state``, ``fail_counter`` and ``opened_at`` in
+    separate keys changed by separate commands, reads state bytes with ``.decode()``
+    (breaks under ``decode_responses=True``) and turns a Redis error into "closed".
+    This subclass keeps one hash per breaker, changes it only in scripts, and lets
+    Redis errors propagate.
+    """
+
+    def __init__(self, client: redis.Redis, scripts: Scripts, namespace: str, name: str) -> None:
+        self.breaker_name = name
+        self._keys = list(breaker_keys(namespace, name))
+        self._scripts = scripts
+        super().__init__(STATE_CLOSED, client, namespace=self._keys[0])
+
+    def _initialize_redis_state(self, state: str) -> None:
+        # The stock storage writes three keys when built; ours creates nothing until a
+        # breaker is used, so building one never touches Redis (absent state = closed).
+        return None
+
+    def _run(self, script: Script, *args: Any) -> Reply:
+        argv = [self.breaker_name, *(str(a) for a in args)]
+        return parse_reply(script(keys=self._keys, args=argv, client=self._redis))
+
+    def read(self, *, register: bool = False, fail_max: int = 0, reset_ms: int = 0) -> Reply:
+        flag = "1" if register else "0"
+        return self._run(self._scripts.read, flag, fail_max, reset_ms)
+
+    def record_failure(self, epoch: int, fail_max: int, reset_ms: int) -> Reply:
+        return self._run(self._scripts.failure, epoch, fail_max, reset_ms)
+
+    def record_success(self, epoch: int) -> Reply:
+        return self._run(self._scripts.success, epoch)
+
+    def acquire_trial(self, token: str, lease_ms: int) -> Reply:
+        return self._run(self._scripts.trial, token, lease_ms)
+
+    def finish_trial(self, token: str, ok: bool, reset_ms: int) -> Reply:
+        return self._run(self._scripts.trial_done, token, "1" if ok else "0", reset_ms)
+
+    def abandon_trial(self, token: str) -> Reply:
+        return self._run(self._scripts.abandon, token)
+
+    def reset(self, *, known_only: bool = False) -> Reply:
+        return self._run(self._scripts.reset, "1" if known_only else "0")
+
+    def force_open(self, reset_ms: int) -> Reply:
+        return self._run(self._scripts.force_open, reset_ms)
+
+    # pybreaker's storage interface, on the same hash. Reads are fresh; the writes are
+    # single commands kept for compatibility, not used by SharedBreaker.
+    @property
+    def state(self) -> str:
+        return self.read().snapshot.state
+
+    @state.setter
+    def state(self, state: str) -> None:
+        self._redis.hset(self._keys[0], "state", str(state))
+
+    @property
+    def counter(self) -> int:
+        return self.read().snapshot.fail_count
+
+    @property
+    def success_counter(self) -> int:
+        return 0  # one successful trial closes the breaker (success_threshold 1)
+
+    def increment_counter(self) -> None:
+        self._redis.hincrby(self._keys[0], "fail_count", 1)
+
+    def reset_counter(self) -> None:
+        self._redis.hset(self._keys[0], "fail_count", "0")
+
+    def increment_success_counter(self) -> None:
+        return None
+
+    def reset_success_counter(self) -> None:
+        return None
+
+    @property
+    def opened_at(self) -> datetime | None:
+        return ms_to_datetime(self.read().snapshot.opened_at_ms)
+
+    @opened_at.setter
+    def opened_at(self, now: datetime) -> None:
+        self._redis.hset(self._keys[0], "opened_at_ms", str(int(now.timestamp() * 1000)))
+
+
+_INFO_FIELDS = (
+    "state",
+    "fail_count",
+    "opened_at_ms",
+    "next_trial_ms",
+    "fail_max",
+    "reset_timeout_ms",
+)
+
+
+def redis_infos(client: redis.Redis, namespace: str) -> list[BreakerInfo]:
+    """Every breaker registered under ``namespace`` (any process's), in two round trips."""
+    registry = f"{namespace}:{c.BREAKER_REGISTRY_SEGMENT}"
+    names = sorted(_text(n) for n in client.smembers(registry))
+    if not names:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        key, _, lease = breaker_keys(namespace, name)
+        pipe.hmget(key, _INFO_FIELDS)
+        pipe.exists(lease)
+    if isinstance(client, CountingRedis):
+        client.add_commands(len(pipe))
+    results = pipe.execute()
+    infos = []
+    for i, name in enumerate(names):
+        values, lease_exists = results[2 * i], results[2 * i + 1]
+        state_v, fails, opened, nxt, fail_max, reset_ms = (
+            None if v is None else _text(v) for v in values
+        )
+        state = state_v or STATE_CLOSED
+        infos.append(
+            BreakerInfo(
+                name=name,
+                state=state,
+                fail_count=int(fails or 0),
+                fail_max=int(fail_max) if fail_max else None,
+                reset_timeout_s=int(reset_ms) / 1000 if reset_ms else None,
+                opened_at=ms_to_datetime(int(opened)) if opened and state != STATE_CLOSED else None,
+                next_trial_at=ms_to_datetime(int(nxt)) if nxt and state == STATE_OPEN else None,
+                trial_in_progress=bool(lease_exists) and state == STATE_HALF_OPEN,
+            )
+        )
+    return infos
+
+
+class MemoryBreakerStorage(pybreaker.CircuitMemoryStorage):
+    """One breaker's state in this process (the embedded default, no servers).
+
+    The same operations as :class:`RedisBreakerStorage`, each under a lock held only
+    for the bookkeeping, never across the guarded call.
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(STATE_CLOSED)
+        self.breaker_name = name
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self._opened_at_ms: int | None = None
+        self._next_trial_ms: int | None = None
+        self._lease: tuple[str, int] | None = None  # token, expires at (ms)
+        self.fail_max: int | None = None
+        self.reset_timeout_ms: int | None = None
+
+    def _reply(
+        self, now: int, changed: str | None = None, verdict: str = "", wait: int = 0
+    ) -> Reply:
+        snap = Snapshot(
+            self._state,
+            self._fail_counter,
+            self._epoch,
+            self._opened_at_ms,
+            self._next_trial_ms if self._state == STATE_OPEN else None,
+            now,
+            time.monotonic(),
+        )
+        return Reply(snap, changed, verdict, wait)
+
+    def _lease_holder(self, now: int) -> str | None:
+        if self._lease is not None and self._lease[1] <= now:
+            self._lease = None
+        return self._lease[0] if self._lease else None
+
+    def _open(self, now: int, reset_ms: int) -> str:
+        old, self._state = self._state, STATE_OPEN
+        self._opened_at_ms, self._next_trial_ms = now, now + reset_ms
+        self._opened_at = ms_to_datetime(now)
+        self._lease = None
+        return old
+
+    def _close(self) -> str | None:
+        old, self._state = self._state, STATE_CLOSED
+        self._fail_counter, self._epoch = 0, self._epoch + 1
+        self._opened_at_ms = self._next_trial_ms = self._opened_at = None
+        self._lease = None
+        return old if old != STATE_CLOSED else None
+
+    @staticmethod
+    def _now() -> int:
+        return int(time.time() * 1000)
+
+    def read(self, *, register: bool = False, fail_max: int = 0, reset_ms: int = 0) -> Reply:
+        with self._lock:
+            if register:
+                self.fail_max, self.reset_timeout_ms = fail_max, reset_ms
+            return self._reply(self._now())
+
+    def record_failure(self, epoch: int, fail_max: int, reset_ms: int) -> Reply:
+        with self._lock:
+            now = self._now()
+            if self._state != STATE_CLOSED or epoch != self._epoch:
+                return self._reply(now)
+            self._fail_counter += 1
+            changed = self._open(now, reset_ms) if self._fail_counter >= fail_max else None
+            return self._reply(now, changed, "counted")
+
+    def record_success(self, epoch: int) -> Reply:
+        with self._lock:
+            if self._state == STATE_CLOSED and epoch == self._epoch:
+                self._fail_counter = 0
+            return self._reply(self._now())
+
+    def acquire_trial(self, token: str, lease_ms: int) -> Reply:
+        with self._lock:
+            now = self._now()
+            if self._state == STATE_CLOSED:
+                return self._reply(now, verdict="closed")
+            due = self._next_trial_ms or 0
+            if self._state == STATE_OPEN and now < due:
+                return self._reply(now, verdict="open", wait=due - now)
+            if self._lease_holder(now) is not None:
+                return self._reply(now, verdict="busy", wait=self._lease[1] - now)  # type: ignore[index]
+            self._lease = (token, now + lease_ms)
+            changed = None
+            if self._state != STATE_HALF_OPEN:
+                changed, self._state = self._state, STATE_HALF_OPEN
+            return self._reply(now, changed, "trial")
+
+    def finish_trial(self, token: str, ok: bool, reset_ms: int) -> Reply:
+        with self._lock:
+            now = self._now()
+            holder = self._lease_holder(now)
+            if self._state != STATE_HALF_OPEN or holder not in (None, token):
+                return self._reply(now)
+            changed = self._close() if ok else self._open(now, reset_ms)
+            return self._reply(now, changed, "applied")
+
+    def abandon_trial(self, token: str) -> Reply:
+        with self._lock:
+            now = self._now()
+            if self._lease_holder(now) == token:
+                self._lease = None
+            return self._reply(now)
+
+    def reset(self, *, known_only: bool = False) -> Reply:
+        with self._lock:
+            changed = self._close()
+            return self._reply(self._now(), changed, "applied")
+
+    def force_open(self, reset_ms: int) -> Reply:
+        with self._lock:
+            now = self._now()
+            changed = self._open(now, reset_ms) if self._state != STATE_OPEN else None
+            return self._reply(now, changed, "applied")
+
+    def info(self) -> BreakerInfo:
+        """This breaker as an operator sees it."""
+        with self._lock:
+            now = self._now()
+            return BreakerInfo(
+                name=self.breaker_name,
+                state=self._state,
+                fail_count=self._fail_counter,
+                fail_max=self.fail_max,
+                reset_timeout_s=self.reset_timeout_ms / 1000 if self.reset_timeout_ms else None,
+                opened_at=ms_to_datetime(self._opened_at_ms),
+                next_trial_at=ms_to_datetime(self._next_trial_ms)
+                if self._state == STATE_OPEN
+                else None,
+                trial_in_progress=self._lease_holder(now) is not None,
+            )

@@ -1,0 +1,248 @@
+"""The execute hop's work: breaker, lease, handler call, and what follows from it.
+
+::
+
+    breaker open?      -> defer: not_before recorded, execute re-sent with a countdown,
+                          no attempt consumed; escalate after the agent's max_deferral_s
+    claim the lease    -> nothing to claim: a duplicate or stale message, dropped
+    call the handler   -> result            complete
+                          Escalate          escalate
+                          PermanentError    fail
+                          anything else     another attempt after a backoff, or fail
+                                            after max_attempts
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import structlog
+from celery.exceptions import SoftTimeLimitExceeded
+
+from orchestration import constants as c
+from orchestration import leases
+from orchestration.agents import (
+    AgentSpec,
+    Escalate,
+    PermanentError,
+    TaskView,
+    ensure_json,
+    registry,
+)
+from orchestration.breakers import BreakerOpen, Permit, SharedBreaker
+from orchestration.logging import get_logger
+from orchestration.models import TaskStatus, utcnow
+from orchestration.redact import redact_text
+from orchestration.transitions import Outcome, apply_transition
+from workers.runtime import Runtime
+
+log = get_logger("taskrail.hop")
+
+MAX_ERROR_CHARS = 2000
+
+
+def explain_stale(rt: Runtime, task_id: int, expected: str) -> None:
+    """Log why a hop found nothing to do (duplicate, stale, or unknown task)."""
+    row = leases.describe(rt.db, task_id)
+    if row is None:
+        log.warning("message_dropped", task_id=task_id, reason="no such task")
+    else:
+        log.info(
+            "hop_skipped",
+            task_id=task_id,
+            reason="duplicate or stale message",
+            expected=expected,
+            status=str(row["status"]),
+            attempts=row["attempts"],
+            leased_by=row["lease_owner"],
+        )
+
+
+def send_execute(
+    rt: Runtime, task_id: int, attempts: int, agent: str | None, countdown: float | None = None
+) -> None:
+    """Send the execute hop for the attempt after ``attempts``, with the agent's time limits."""
+    spec = registry.find(agent) if agent else None
+    limits = spec.time_limits() if spec is not None else {}
+    rt.dispatcher.send(c.HOP_EXECUTE, [task_id, attempts, agent], countdown=countdown, **limits)
+
+
+def execute(rt: Runtime, task_id: int, attempts: int, agent: str | None) -> None:
+    """Run attempt ``attempts + 1`` of ``task_id``'s handler, if nothing else has."""
+    spec = registry.find(agent) if agent else None
+    breaker: SharedBreaker | None = rt.breaker_for(spec) if spec else None
+    permit: Permit | None = None
+    if spec is not None and breaker is not None:
+        try:
+            permit = breaker.before_call()
+        except BreakerOpen as refused:
+            defer(rt, task_id, attempts, spec, refused)
+            return
+    token = f"{rt.worker}/{uuid.uuid4().hex[:12]}"
+    claimed = leases.claim(rt.db, task_id, attempts, token, rt.settings.lease_ttl_s)
+    if claimed is None:
+        if breaker is not None and permit is not None:
+            breaker.abandon(permit)
+        explain_stale(rt, task_id, f"in_progress at attempt {attempts + 1}, not leased")
+        return
+    structlog.contextvars.bind_contextvars(agent=claimed.agent, attempt=claimed.attempt)
+    if spec is None or spec.name != claimed.agent:
+        # The message named no agent (or another one): the task's own agent decides.
+        if breaker is not None and permit is not None:
+            breaker.abandon(permit)
+        spec = registry.find(claimed.agent) if claimed.agent else None
+        if spec is None:
+            finish(rt, claimed, "escalate", reason=f"agent {claimed.agent!r} is not registered")
+            return
+        breaker = rt.breaker_for(spec)
+        try:
+            permit = breaker.before_call()
+        except BreakerOpen:
+            leases.release_unconsumed(rt.db, task_id, token, utcnow())
+            send_execute(rt, task_id, attempts, spec.name)
+            return
+    assert breaker is not None and permit is not None
+    run_claimed(rt, spec, breaker, permit, claimed)
+
+
+def run_claimed(
+    rt: Runtime, spec: AgentSpec, breaker: SharedBreaker, permit: Permit, claimed: leases.Claim
+) -> None:
+    if claimed.attempt > spec.max_attempts:
+        breaker.abandon(permit)
+        finish(
+            rt,
+            claimed,
+            "fail",
+            reason=(
+                f"gave up after {claimed.attempt - 1} attempts; "
+                "the worker running the last one was lost"
+            ),
+        )
+        return
+    view = TaskView.build(
+        claimed.task_id, claimed.client_id, claimed.task_type, claimed.payload, claimed.attempt
+    )
+    try:
+        with rt.leases.hold(claimed.task_id, claimed.token):
+            result = spec.handler(view)
+    except BaseException as err:
+        # The breaker judges: Escalate and PermanentError are business outcomes, not
+        # failures of the downstream; KeyboardInterrupt/SystemExit are no verdict.
+        breaker.on_failure(permit, err)
+        if isinstance(err, Escalate):
+            finish(rt, claimed, "escalate", reason=err.reason)
+        elif isinstance(err, PermanentError):
+            finish(rt, claimed, "fail", reason=err.reason)
+        elif isinstance(err, SoftTimeLimitExceeded):
+            limit = f"time limit of {spec.time_limit_s:g}s exceeded"
+            transient(rt, spec, claimed, limit, trial=permit.trial)
+        elif isinstance(err, Exception):
+            transient(rt, spec, claimed, error_text(err), trial=permit.trial)
+        else:
+            raise
+        return
+    breaker.on_success(permit)
+    try:
+        ensure_json(result)
+    except (TypeError, ValueError) as err:
+        finish(rt, claimed, "fail", reason=f"result is not JSON-serialisable: {err}")
+        return
+    finish(rt, claimed, "complete", result=result)
+
+
+def finish(
+    rt: Runtime, claimed: leases.Claim, event: str, *, reason: str | None = None, result: Any = None
+) -> None:
+    """Apply the final event of an execution, releasing its lease in the same write."""
+    values: dict[str, Any] = {
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "not_before": None,
+        "deferred_since": None,
+    }
+    if event == "complete":
+        values["result"] = result
+    else:
+        values["last_error"] = reason
+    outcome = apply_transition(
+        rt.db,
+        claimed.task_id,
+        event,
+        expected=TaskStatus.IN_PROGRESS,
+        agent=claimed.agent,
+        reason=reason,
+        worker=rt.worker,
+        set_=values,
+        guard={"lease_owner": claimed.token},
+    )
+    if outcome.outcome is not Outcome.APPLIED:
+        log.warning("lease_lost", transition=event, reason="another worker took the task over")
+
+
+def error_text(err: BaseException) -> str:
+    return redact_text(f"{type(err).__name__}: {err}")[:MAX_ERROR_CHARS]
+
+
+def backoff_s(rt: Runtime, attempt: int) -> float:
+    """Exponential backoff with jitter before the attempt after ``attempt``."""
+    base = rt.settings.retry_backoff_base_s * 2 ** (attempt - 1)
+    return min(rt.settings.retry_backoff_max_s, base) * random.uniform(0.5, 1.0)
+
+
+def transient(
+    rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str, *, trial: bool = False
+) -> None:
+    """A failed attempt: try again after a backoff, or fail after the last attempt."""
+    if claimed.attempt >= spec.max_attempts:
+        finish(rt, claimed, "fail", reason=f"gave up after {claimed.attempt} attempts: {error}")
+        return
+    delay = backoff_s(rt, claimed.attempt)
+    retry_at = utcnow() + timedelta(seconds=delay)
+    released = leases.release_for_retry(
+        rt.db, claimed.task_id, claimed.token, error, retry_at, end_deferral=not trial
+    )
+    if not released:
+        log.warning("lease_lost", transition="retry", reason="another worker took the task over")
+        return
+    log.info(
+        "attempt_failed", error=error, retry_in_s=round(delay, 2), max_attempts=spec.max_attempts
+    )
+    send_execute(rt, claimed.task_id, claimed.attempt, claimed.agent, countdown=delay)
+
+
+def defer(rt: Runtime, task_id: int, attempts: int, spec: AgentSpec, refused: BreakerOpen) -> None:
+    """The agent's breaker is open: wait for its next trial without using an attempt."""
+    now = utcnow()
+    delay = min(max(refused.remaining_s, 0.2), c.MAX_DEFER_COUNTDOWN_S) * random.uniform(1.0, 1.2)
+    since = leases.defer(rt.db, task_id, attempts, now + timedelta(seconds=delay))
+    if since is None:
+        explain_stale(rt, task_id, f"in_progress at attempt {attempts + 1}, not leased")
+        return
+    if (now - since).total_seconds() > spec.max_deferral_s:
+        opened = refused.opened_at or since
+        outcome = apply_transition(
+            rt.db,
+            task_id,
+            "escalate",
+            expected=TaskStatus.IN_PROGRESS,
+            agent=spec.name,
+            reason=f"breaker {refused.name} open since {opened.isoformat(timespec='seconds')}",
+            worker=rt.worker,
+            set_={"not_before": None, "deferred_since": None},
+            guard={"attempts": attempts},
+        )
+        if outcome.outcome is not Outcome.APPLIED:
+            explain_stale(rt, task_id, "in_progress")
+        return
+    log.info(
+        "hop_deferred",
+        breaker=refused.name,
+        breaker_state=refused.state,
+        countdown_s=round(delay, 2),
+        deferred_for_s=round((now - since).total_seconds(), 1),
+    )
+    send_execute(rt, task_id, attempts, spec.name, countdown=delay)
