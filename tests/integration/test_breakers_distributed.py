@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -17,6 +18,7 @@ from tests.support import (
     WorkerFleet,
     assert_valid_path,
     event_paths,
+    run_cli,
     wait_until_resting,
 )
 
@@ -168,3 +170,35 @@ def test_breaker_redis_stopped_and_restarted_loses_no_task(
         assert "hop_retry_later" in fleet.logs()
     finally:
         own.stop()
+
+
+def test_operator_lists_and_resets_breakers_from_the_cli(
+    server_settings, server_env: dict[str, str], breaker_redis_url: str
+) -> None:
+    # Given an agent's breaker opened by failures
+    board = BreakerBoard(breaker_redis_url, namespace=BREAKER_NAMESPACE)
+    breaker = board.breaker("agent:svc_agent", fail_max=2, reset_timeout_s=60)
+    for _ in range(2):
+        permit = breaker.before_call()
+        breaker.on_failure(permit, ConnectionError("down"))
+    # When an operator lists the breakers
+    listed = run_cli(["breakers", "--json"], env=server_env)
+    # Then it is open with its failure count, and every agent's breaker is listed
+    assert listed.returncode == 0, listed.stderr
+    infos = {info["name"]: info for info in json.loads(listed.stdout)}
+    assert infos["agent:svc_agent"]["state"] == "open"
+    assert infos["agent:svc_agent"]["fail_count"] == 2
+    assert infos["agent:svc_agent"]["opened_at"] is not None
+    assert infos["agent:payroll_agent"]["state"] == "closed"
+    # When the operator resets it, it is closed for everyone
+    reset = run_cli(["breakers", "reset", "agent:svc_agent"], env=server_env)
+    assert reset.returncode == 0, reset.stderr
+    after = {
+        i["name"]: i for i in json.loads(run_cli(["breakers", "--json"], env=server_env).stdout)
+    }
+    assert after["agent:svc_agent"]["state"] == "closed"
+    assert after["agent:svc_agent"]["fail_count"] == 0
+    # and an unknown name is a clear error
+    unknown = run_cli(["breakers", "reset", "agent:nope"], env=server_env)
+    assert unknown.returncode == 2
+    assert "no breaker named 'agent:nope'" in unknown.stderr
