@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=c.DEFAULT_METRICS_PORT, ge=1, le=65535)
 
     prefetch_multiplier: int = Field(default=c.DEFAULT_PREFETCH_MULTIPLIER, ge=1)
-    visibility_timeout_s: int = Field(default=c.DEFAULT_VISIBILITY_TIMEOUT_S, ge=60)
+    visibility_timeout_s: int = Field(default=c.DEFAULT_VISIBILITY_TIMEOUT_S, ge=1)
     db_pool_size: int = Field(default=5, ge=1)
     lease_ttl_s: float = Field(default=c.DEFAULT_LEASE_TTL_S, gt=0)
     sweep_interval_s: float = Field(default=c.DEFAULT_SWEEP_INTERVAL_S, gt=0)
