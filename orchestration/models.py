@@ -17,6 +17,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.dialects.postgresql import JSONB
@@ -94,6 +95,12 @@ class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
         Index("ix_tasks_status_updated_at", "status", "updated_at"),
+        Index(
+            "ix_tasks_active_updated_at",
+            "updated_at",
+            postgresql_where=text("status IN ('pending', 'assigned', 'in_progress')"),
+            sqlite_where=text("status IN ('pending', 'assigned', 'in_progress')"),
+        ),
         Index("ix_tasks_client_id", "client_id"),
     )
 

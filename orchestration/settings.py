@@ -23,14 +23,19 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="TASKRAIL_", extra="ignore")
 
+    # URLs may carry passwords: kept out of repr(); describe() shows them masked.
     database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL; default: SQLite file in data_dir"
+        default=None, repr=False, description="SQLAlchemy URL; default: SQLite file in data_dir"
     )
     broker_url: str | None = Field(
-        default=None, description="Celery broker URL; default: file-system broker in data_dir"
+        default=None,
+        repr=False,
+        description="Celery broker URL; default: file-system broker in data_dir",
     )
     redis_url: str | None = Field(
-        default=None, description="Redis for shared breaker state; default: per-process state"
+        default=None,
+        repr=False,
+        description="Redis for shared breaker state; default: per-process state",
     )
     broker_key_prefix: str = Field(
         default="", description="prefix of every broker key on Redis (several deployments, one Redis)"
