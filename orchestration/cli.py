@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Annotated, Any
 
 import typer
+from rich.columns import Columns
 from rich.console import Console
 from rich.table import Table
 
@@ -30,6 +31,10 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+breakers_app = typer.Typer(
+    help="Circuit breakers: list them (default) or reset one.", invoke_without_command=True
+)
+app.add_typer(breakers_app, name="breakers")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -155,29 +160,58 @@ def show(
 @app.command()
 @command
 def status(as_json: JsonFlag = False) -> None:
-    """Counts by state and stuck tasks."""
-    from orchestration.recovery import stuck_summary
+    """One screen: tasks by state, throughput over the last minutes, stuck tasks."""
+    from orchestration.status import status_report
 
     trail = _client()
-    counts = trail.counts()
-    stuck = stuck_summary(trail.db, redrive_after_s=trail.settings.redrive_after_s).to_dict()
+    report = status_report(trail.db, redrive_after_s=trail.settings.redrive_after_s)
+    doc = report.to_dict()
+    from orchestration.errors import InfrastructureError
+
+    try:
+        infos = breaker_infos()
+        doc["breakers"] = [info.to_dict() for info in infos]
+    except InfrastructureError as exc:  # the rest of the screen is still worth showing
+        infos = []
+        doc["breakers"] = []
+        doc["breakers_error"] = redact_text(str(exc))
     if as_json:
-        print_json({"counts": counts, "total": sum(counts.values()), "stuck": stuck})
+        print_json(doc)
         return
-    t = Table(title="tasks by state")
-    t.add_column("state")
-    t.add_column("tasks", justify="right")
-    for state, n in counts.items():
-        t.add_row(f"[{STATUS_STYLE.get(state, 'white')}]{state}[/]", str(n))
-    t.add_row("[bold]total[/]", f"[bold]{sum(counts.values())}[/]")
-    out.print(t)
+    at = report.at.strftime("%Y-%m-%d %H:%M:%S UTC")
+    out.print(f"[bold]taskrail status[/]  {trail.db.where}  {at}")
+    states = Table(title="tasks by state", title_justify="left")
+    states.add_column("state")
+    states.add_column("tasks", justify="right")
+    for state, n in report.counts.items():
+        states.add_row(f"[{STATUS_STYLE.get(state, 'white')}]{state}[/]", str(n))
+    states.add_row("[bold]total[/]", f"[bold]{report.total}[/]")
+    rates = Table(title="finished per minute", title_justify="left")
+    rates.add_column("state")
+    windows = [f"{w}m" for w in report.throughput.windows_min]
+    for window in windows:
+        rates.add_column(f"last {window}", justify="right")
+    for state in ("completed", "failed", "escalated"):
+        per_min = report.throughput.per_min(state)
+        rates.add_row(f"[{STATUS_STYLE[state]}]{state}[/]", *(f"{per_min[w]:g}" for w in windows))
+    out.print(Columns([states, rates], padding=(0, 4)))
+    stuck = doc["stuck"]
     if stuck["count"]:
         out.print(
             f"[yellow]stuck:[/] {stuck['count']} active tasks unchanged for over "
-            f"{trail.settings.redrive_after_s:g}s; oldest {stuck['oldest_age_s']}s"
+            f"{trail.settings.redrive_after_s:g}s; oldest {stuck['oldest_age_s']}s "
+            "(the sweeper re-drives them; `taskrail sweep` does it now)"
         )
     else:
         out.print("stuck: none")
+    if "breakers_error" in doc:
+        out.print(f"[red]breakers:[/] {doc['breakers_error']}")
+    else:
+        not_closed = [i for i in infos if i.state != "closed"]
+        summary = ", ".join(
+            f"[{BREAKER_STYLE.get(i.state, 'white')}]{i.name} {i.state}[/]" for i in not_closed
+        )
+        out.print(f"breakers: {len(infos)}, " + (summary or "all closed"))
 
 
 @app.command()
@@ -251,6 +285,151 @@ def demo(
     if result.counts != {k: v for k, v in result.expected.items() if v}:
         err.print("error: final states differ from the expected ones", markup=False)
         raise typer.Exit(1)
+
+
+@app.command()
+@command
+def metrics(
+    port: Annotated[
+        int | None,
+        typer.Option(
+            "--port", min=1, max=65535, help="TCP port (default: TASKRAIL_METRICS_PORT, 9808)."
+        ),
+    ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option("--host", help="Address to bind (default: TASKRAIL_METRICS_HOST, 127.0.0.1)."),
+    ] = None,
+    no_auth: Annotated[
+        bool,
+        typer.Option("--no-auth", help="Serve without basic auth (a trusted network only)."),
+    ] = False,
+) -> None:
+    """Serve Prometheus metrics: workers' counters (PROMETHEUS_MULTIPROC_DIR), tasks by state.
+
+    Basic auth with TASKRAIL_METRICS_AUTH=user:password, or --no-auth.
+    """
+    from orchestration.db import Database
+    from orchestration.errors import ConfigurationError
+    from orchestration.exposition import make_metrics_server, parse_credentials
+    from orchestration.metrics import MULTIPROC_ENV, multiprocess_dir
+
+    settings = get_settings()
+    if settings.metrics_auth is None and not no_auth:
+        raise ConfigurationError(
+            "set TASKRAIL_METRICS_AUTH=user:password, or pass --no-auth to serve without auth"
+        )
+    credentials = (
+        None
+        if no_auth or settings.metrics_auth is None
+        else parse_credentials(settings.metrics_auth.get_secret_value())
+    )
+    if not multiprocess_dir():
+        err.print(
+            f"warning: {MULTIPROC_ENV} is not set; only the database gauges are served "
+            "(workers record their counters in that shared directory)",
+            markup=False,
+        )
+    database = Database(settings.effective_database_url, pool_size=1)
+    host = host or settings.metrics_host
+    port = port or settings.metrics_port
+    server = make_metrics_server(
+        database,
+        host=host,
+        port=port,
+        credentials=credentials,
+        redrive_after_s=settings.redrive_after_s,
+    )
+    auth = "basic auth" if credentials else "NO auth"
+    err.print(f"serving metrics on http://{host}:{port}/metrics ({auth})", markup=False)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        database.dispose()
+
+
+def breaker_infos() -> list[Any]:
+    """Every breaker in the shared state, plus each registered agent's (closed if unseen)."""
+    from orchestration.agents import load_agent_modules, registry
+    from orchestration.breakers import BreakerBoard, BreakerInfo
+
+    settings = get_settings()
+    load_agent_modules(settings.agents)
+    board = BreakerBoard(settings.redis_url, namespace=settings.breaker_namespace)
+    try:
+        infos = {info.name: info for info in board.list()}
+    finally:
+        board.close()
+    for spec in registry.agents():
+        infos.setdefault(
+            spec.breaker_name,
+            BreakerInfo(
+                name=spec.breaker_name,
+                state="closed",
+                fail_count=0,
+                fail_max=spec.fail_max,
+                reset_timeout_s=spec.reset_timeout_s,
+                opened_at=None,
+                next_trial_at=None,
+                trial_in_progress=False,
+            ),
+        )
+    return sorted(infos.values(), key=lambda info: info.name)
+
+
+BREAKER_STYLE = {"closed": "green", "open": "red", "half-open": "yellow"}
+
+
+@breakers_app.callback()
+@command
+def breakers(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """List every breaker: state, failures, opened at, next trial."""
+    if ctx.invoked_subcommand is not None:
+        return
+    infos = breaker_infos()
+    if as_json:
+        print_json([info.to_dict() for info in infos])
+        return
+    t = Table(title="circuit breakers")
+    for col in ("name", "state", "failures", "opened at", "next trial"):
+        t.add_column(col)
+    for info in infos:
+        t.add_row(
+            info.name,
+            f"[{BREAKER_STYLE.get(info.state, 'white')}]{info.state}[/]",
+            f"{info.fail_count}/{info.fail_max}" if info.fail_max else str(info.fail_count),
+            info.opened_at.isoformat(timespec="seconds") if info.opened_at else "",
+            info.next_trial_at.isoformat(timespec="seconds") if info.next_trial_at else "",
+        )
+    out.print(t)
+    if get_settings().redis_url is None:
+        out.print("note: no TASKRAIL_REDIS_URL; each process keeps its own breaker state")
+
+
+@breakers_app.command("reset")
+@command
+def breakers_reset(
+    name: Annotated[str, typer.Argument(help="Breaker name, e.g. agent:payroll_agent.")],
+) -> None:
+    """Close a breaker and zero its failure count, for every worker."""
+    from orchestration.agents import load_agent_modules, registry
+    from orchestration.breakers import BreakerBoard, BreakerNotFound
+
+    settings = get_settings()
+    load_agent_modules(settings.agents)
+    board = BreakerBoard(settings.redis_url, namespace=settings.breaker_namespace)
+    try:
+        board.reset(name)
+    except BreakerNotFound:
+        # An agent's breaker that no worker has used yet is closed already.
+        if name not in {spec.breaker_name for spec in registry.agents()}:
+            raise
+    finally:
+        board.close()
+    out.print(f"breaker {name} is closed")
 
 
 @db_app.command("upgrade")

@@ -68,7 +68,9 @@ def configure_logging(fmt: str = "auto", level: str = "INFO", stream: Any = None
             _redact_rendered,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # One write per line: print() writes the newline apart, and prefork children
+        # sharing stdout would interleave their JSON lines.
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(stream)

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
         description="Redis for shared breaker state; default: per-process state",
     )
     broker_key_prefix: str = Field(
-        default="", description="prefix of every broker key on Redis (several deployments, one Redis)"
+        default="",
+        description="prefix of every broker key on Redis (several deployments, one Redis)",
     )
     breaker_namespace: str = Field(
         default=c.DEFAULT_BREAKER_NAMESPACE, description="prefix of the breaker keys on Redis"

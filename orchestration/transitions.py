@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Executable, bindparam, select, text
 from statemachine.exceptions import TransitionNotAllowed
 
+from orchestration import metrics
 from orchestration.db import Database
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, events_table, tasks_table, utcnow
@@ -161,6 +162,7 @@ def apply_transition(
 
     if row is None:
         return TransitionResult(Outcome.STALE, task_id, event, from_status, to_status)
+    metrics.transition(event, audit["agent"])
     log.info(
         "task_transition",
         task_id=task_id,

@@ -15,7 +15,9 @@ _local = threading.local()
 
 
 @signals.after_task_publish.connect
-def _publish_again(sender: str | None = None, body: Any = None, headers: Any = None, **_: Any) -> None:
+def _publish_again(
+    sender: str | None = None, body: Any = None, headers: Any = None, **_: Any
+) -> None:
     if not sender or not sender.startswith("taskrail.") or getattr(_local, "busy", False):
         return
     from workers import app

@@ -23,7 +23,7 @@ import structlog
 from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestration import constants as c
-from orchestration import leases
+from orchestration import leases, metrics
 from orchestration.agents import (
     AgentSpec,
     Escalate,
@@ -134,18 +134,23 @@ def run_claimed(
         # failures of the downstream; KeyboardInterrupt/SystemExit are no verdict.
         breaker.on_failure(permit, err)
         if isinstance(err, Escalate):
+            metrics.attempt(spec.name, "escalated")
             finish(rt, claimed, "escalate", reason=err.reason)
         elif isinstance(err, PermanentError):
+            metrics.attempt(spec.name, "permanent_error")
             finish(rt, claimed, "fail", reason=err.reason)
         elif isinstance(err, SoftTimeLimitExceeded):
+            metrics.attempt(spec.name, "timed_out")
             limit = f"time limit of {spec.time_limit_s:g}s exceeded"
             transient(rt, spec, claimed, limit, trial=permit.trial)
         elif isinstance(err, Exception):
+            metrics.attempt(spec.name, "transient_error")
             transient(rt, spec, claimed, error_text(err), trial=permit.trial)
         else:
             raise
         return
     breaker.on_success(permit)
+    metrics.attempt(spec.name, "succeeded")
     try:
         ensure_json(result)
     except (TypeError, ValueError) as err:
@@ -238,6 +243,7 @@ def defer(rt: Runtime, task_id: int, attempts: int, spec: AgentSpec, refused: Br
         if outcome.outcome is not Outcome.APPLIED:
             explain_stale(rt, task_id, "in_progress")
         return
+    metrics.deferral(spec.name)
     log.info(
         "hop_deferred",
         breaker=refused.name,

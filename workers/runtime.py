@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from celery import Celery, signals
 
+from orchestration import metrics
 from orchestration.agents import AgentSpec, Escalate, PermanentError, load_agent_modules
 from orchestration.breakers import BreakerBoard, SharedBreaker
 from orchestration.db import Database
@@ -62,7 +63,11 @@ def runtime(app: Celery) -> Runtime:
                 dispatcher=Dispatcher(app),
                 worker=f"{socket.gethostname()}:{os.getpid()}",
                 leases=LeaseKeeper(db, settings.lease_ttl_s),
-                breakers=BreakerBoard(settings.redis_url, namespace=settings.breaker_namespace),
+                breakers=BreakerBoard(
+                    settings.redis_url,
+                    namespace=settings.breaker_namespace,
+                    on_state_change=lambda change: metrics.breaker_changed(change.name, change.new),
+                ),
             )
             _pid = os.getpid()
     return _runtime

@@ -17,6 +17,7 @@ from orchestration.api import NewTask
 from orchestration.dispatch import Dispatcher, make_celery
 from tests.agents import key
 from tests.support import (
+    KEY_PREFIX,
     WorkerFleet,
     assert_valid_path,
     event_paths,
@@ -101,7 +102,7 @@ def test_bad_messages_are_dropped_and_the_worker_keeps_going(
     app.send_task("taskrail.start", args=["abc"], queue="taskrail.hops")
     app.send_task("taskrail.execute", args=[1], kwargs={"evil": 1}, queue="taskrail.hops")
     app.send_task("taskrail.no_such_hop", args=[1], queue="taskrail.hops")
-    with Connection(broker_url) as conn:
+    with Connection(broker_url, transport_options={"global_keyprefix": KEY_PREFIX}) as conn:
         producer = Producer(conn.channel(), exchange=exchange, routing_key="taskrail.hops")
         headers = {"task": "taskrail.start", "id": "not-json-1", "lang": "py"}
         producer.publish(

@@ -1,0 +1,185 @@
+"""The metrics endpoint behind ``taskrail metrics``: Prometheus text over HTTP, basic auth.
+
+At each scrape it adds up the samples every worker process wrote to
+``PROMETHEUS_MULTIPROC_DIR`` (:mod:`orchestration.metrics`) and reads from the database:
+
+- ``taskrail_tasks{state}``: tasks in each state;
+- ``taskrail_tasks_stuck``: active tasks unchanged for longer than ``redrive_after_s``;
+- ``taskrail_database_up``: 1 when those queries worked, else 0 (and no task gauges).
+
+prometheus-client's own ``start_http_server`` has no authentication, so the registry's
+WSGI app is served by wsgiref behind a basic-auth check. ``/healthz`` answers ``ok``
+without credentials, for container health checks; it reveals nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import os
+from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from orchestration.db import Database
+from orchestration.errors import ConfigurationError
+from orchestration.logging import get_logger
+from orchestration.metrics import multiprocess_dir
+from orchestration.recovery import stuck_summary
+from orchestration.status import counts_by_state
+
+log = get_logger("taskrail.metrics")
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+REALM = "taskrail metrics"
+
+
+class DatabaseCollector:
+    """Task gauges computed from the database when Prometheus scrapes."""
+
+    def __init__(self, db: Database, *, redrive_after_s: float) -> None:
+        self.db = db
+        self.redrive_after_s = redrive_after_s
+
+    def describe(self) -> list[Any]:
+        return []  # nothing to check for duplicates; keeps register() from querying
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        up = GaugeMetricFamily(
+            "taskrail_database_up", "1 when the task gauges could be read from the database."
+        )
+        try:
+            counts = counts_by_state(self.db)
+            stuck = stuck_summary(self.db, redrive_after_s=self.redrive_after_s)
+        except Exception as err:
+            log.warning("metrics_database_unavailable", error=f"{type(err).__name__}: {err}")
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        tasks = GaugeMetricFamily(
+            "taskrail_tasks", "Tasks in each state, read from the database.", labels=["state"]
+        )
+        for state, n in counts.items():
+            tasks.add_metric([state], n)
+        yield tasks
+        yield GaugeMetricFamily(
+            "taskrail_tasks_stuck",
+            "Active tasks unchanged for longer than TASKRAIL_REDRIVE_AFTER_S.",
+            value=stuck.count,
+        )
+
+
+class _Forward:
+    """Serves another registry's samples without registering anything in it."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        yield from self.source.collect()
+
+
+def build_registry(db: Database, *, redrive_after_s: float, folder: str | None) -> Any:
+    """The registry to serve: the database gauges, and every process's samples in ``folder``.
+
+    Without ``folder`` (no multiprocess mode) the samples are this process's own.
+    """
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess
+
+    registry = CollectorRegistry()
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        multiprocess.MultiProcessCollector(registry, path=folder)
+    else:
+        registry.register(_Forward(REGISTRY))  # this process's own samples
+    registry.register(DatabaseCollector(db, redrive_after_s=redrive_after_s))
+    return registry
+
+
+def parse_credentials(value: str) -> tuple[str, str]:
+    """``user:password`` as a pair; raises ConfigurationError when it is not one."""
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise ConfigurationError("metrics credentials must look like user:password")
+    return user, password
+
+
+def _authorized(header: str, expected: bytes) -> bool:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        given = base64.b64decode(encoded.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return hmac.compare_digest(given, expected)
+
+
+def protect(app: WsgiApp, credentials: tuple[str, str] | None) -> WsgiApp:
+    """``app`` behind HTTP basic auth (none when ``credentials`` is None); adds /healthz."""
+    expected = f"{credentials[0]}:{credentials[1]}".encode() if credentials else None
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if path == "/healthz":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"ok\n"]
+        if expected is not None and not _authorized(
+            environ.get("HTTP_AUTHORIZATION", ""), expected
+        ):
+            start_response(
+                "401 Unauthorized",
+                [("Content-Type", "text/plain"), ("WWW-Authenticate", f'Basic realm="{REALM}"')],
+            )
+            return [b"authentication required\n"]
+        if path not in ("/", "/metrics"):
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found; metrics are at /metrics\n"]
+        return app(environ, start_response)
+
+    return guarded
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def make_metrics_server(
+    db: Database,
+    *,
+    host: str,
+    port: int,
+    credentials: tuple[str, str] | None,
+    redrive_after_s: float,
+    folder: str | None = None,
+) -> WSGIServer:
+    """A server ready for ``serve_forever()``; raises ConfigurationError if it cannot listen.
+
+    ``folder``: the multiprocess sample directory; default ``PROMETHEUS_MULTIPROC_DIR``.
+    """
+    from prometheus_client import make_wsgi_app
+
+    folder = folder if folder is not None else multiprocess_dir()
+    registry = build_registry(db, redrive_after_s=redrive_after_s, folder=folder)
+    app = protect(make_wsgi_app(registry), credentials)
+    try:
+        return make_server(
+            host, port, app, server_class=_ThreadingServer, handler_class=_QuietHandler
+        )
+    except OSError as err:
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {err.strerror}") from err

@@ -1,0 +1,211 @@
+"""The Procfile, docker-compose.yml and Dockerfile: parsed, kept in line, and their commands run.
+
+No Docker engine runs here, so the compose file is checked by parsing it and running each
+service's command (and health check) against the real ``celery`` and ``taskrail`` entry
+points. The long-running commands run for real in tests/integration/test_operations.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from orchestration import migrate
+from orchestration.settings import Settings
+from tests.deploy_support import (
+    SHARED_PROCESSES,
+    command_words,
+    compose,
+    procfile,
+)
+from tests.support import PG_ADMIN_URL, REPO
+
+BIN = Path(sys.executable).parent
+SERVICES = ("postgres", "redis", "migrate", "worker", "beat", "flower", "metrics")
+APP_SERVICES = ("worker", "beat", "flower", "metrics")
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TASKRAIL_", "FLOWER_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(REPO),
+        TASKRAIL_DATA_DIR=str(tmp_path / "data"),
+        HOSTNAME="taskrail-test",
+    )
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return env
+
+
+def _compose_command(service: dict[str, Any]) -> list[str]:
+    command = service["command"]
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def test_compose_has_every_service_with_health_checks_and_order() -> None:
+    services = compose()["services"]
+    assert set(SERVICES) <= set(services)
+    for name in SERVICES:
+        if name != "migrate":
+            assert "healthcheck" in services[name], f"{name} has no health check"
+    assert services["migrate"]["restart"] == "no"
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in APP_SERVICES:
+        depends = services[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully", name
+        assert depends["redis"]["condition"] == "service_healthy", name
+    # --scale worker=N: nothing that pins a worker to one container
+    assert "container_name" not in services["worker"]
+    assert "ports" not in services["worker"]
+
+
+def test_compose_sets_only_real_settings() -> None:
+    # Given every TASKRAIL_* variable any service sets
+    services = compose()["services"]
+    fields = {f"TASKRAIL_{name.upper()}" for name in Settings.model_fields}
+    seen: set[str] = set()
+    for name in ("migrate", *APP_SERVICES):
+        env = services[name]["environment"]
+        seen |= {key for key in env if key.startswith("TASKRAIL_")}
+        # every app container shares the metrics directory
+        assert env["PROMETHEUS_MULTIPROC_DIR"] == "/var/lib/taskrail/metrics", name
+    # Then each is a field of Settings (a typo would be silently ignored)
+    assert seen <= fields, seen - fields
+    assert {"TASKRAIL_DATABASE_URL", "TASKRAIL_BROKER_URL", "TASKRAIL_REDIS_URL"} <= seen
+    for name in APP_SERVICES:
+        assert "metrics:/var/lib/taskrail/metrics" in services[name]["volumes"], name
+
+
+def test_procfile_and_compose_run_the_same_commands() -> None:
+    procs = procfile()
+    services = compose()["services"]
+    assert set(SHARED_PROCESSES) <= set(procs)
+    for name in SHARED_PROCESSES:
+        assert command_words(procs[name]) == command_words(_compose_command(services[name])), name
+    worker = command_words(procs["worker"])
+    assert worker[:4] == ["celery", "-A", "workers", "worker"]
+    assert "--queues=taskrail.hops,taskrail.execute" in worker
+    assert command_words(procs["beat"])[:4] == ["celery", "-A", "workers", "beat"]
+    assert command_words(procs["flower"])[:4] == ["celery", "-A", "workers", "flower"]
+    assert command_words(procs["metrics"])[:2] == ["taskrail", "metrics"]
+
+
+def test_flower_and_metrics_require_credentials_in_both(tmp_path: Path) -> None:
+    services = compose()["services"]
+    required = re.compile(r"^\$\{(\w+):\?.+\}$")
+    # compose refuses to start either without its credentials
+    flower_auth = required.match(services["flower"]["environment"]["FLOWER_BASIC_AUTH"])
+    metrics_auth = required.match(services["metrics"]["environment"]["TASKRAIL_METRICS_AUTH"])
+    assert flower_auth and flower_auth.group(1) == "FLOWER_BASIC_AUTH"
+    assert metrics_auth and metrics_auth.group(1) == "TASKRAIL_METRICS_AUTH"
+    assert not any("--no-auth" in str(s.get("command")) for s in services.values())
+    # and so do the Procfile's lines, run as honcho runs them, without the variables
+    env = _env(tmp_path)
+    procs = procfile()
+    flower = subprocess.run(
+        procs["flower"], shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert flower.returncode != 0
+    assert "set FLOWER_BASIC_AUTH=user:password" in flower.stderr
+    metrics = subprocess.run(
+        procs["metrics"], shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert metrics.returncode == 1
+    assert "TASKRAIL_METRICS_AUTH" in metrics.stderr
+    assert "serving" not in metrics.stderr
+
+
+def test_every_command_exists_in_the_real_cli(tmp_path: Path) -> None:
+    # Given each service's command (the Procfile's are the same, checked above; the
+    # health checks run for real against live processes in test_operations.py)
+    services = compose()["services"]
+    commands = {name: _compose_command(services[name]) for name in ("migrate", *APP_SERVICES)}
+    env = _env(tmp_path)
+
+    def check(item: tuple[str, list[str]]) -> tuple[str, subprocess.CompletedProcess[str]]:
+        name, argv = item
+        return name, subprocess.run(
+            [*argv, "--help"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    # When each runs with --help: click parses every option before --help acts (Flower's
+    # own options belong to tornado, after click; it runs for real in test_operations.py)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = dict(pool.map(check, commands.items()))
+    # Then each exists and accepts its options
+    for name, done in results.items():
+        assert done.returncode == 0, f"{name}: {commands[name]}\n{done.stdout}\n{done.stderr}"
+        assert "Usage" in done.stdout, f"{name}: {done.stdout}"
+    # and a misspelt option would have failed
+    bad = subprocess.run(
+        [*commands["metrics"], "--prot", "9808", "--help"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0
+
+
+def test_dockerfile_builds_what_compose_runs() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    # Flower, a dev extra here, is installed in the image with the same requirement
+    dev = project["project"]["optional-dependencies"]["dev"]
+    flower_req = next(r for r in dev if r.startswith("flower"))
+    assert f'"{flower_req}"' in dockerfile
+    assert "pip install ." in dockerfile
+    # every package the project ships is copied in
+    for package in project["tool"]["setuptools"]["packages"]["find"]["include"]:
+        name = package.rstrip("*")
+        assert f"COPY {name} ./{name}" in dockerfile, name
+    # the image's user owns the metrics tmpfs that compose mounts
+    uid = re.search(r"--uid (\d+)", dockerfile)
+    assert uid is not None
+    volume = compose()["volumes"]["metrics"]["driver_opts"]
+    assert f"uid={uid.group(1)}" in volume["o"]
+    # the image's default command is the worker's
+    cmd = re.search(r"^CMD (\[.*\])$", dockerfile, re.M)
+    assert cmd is not None
+    assert json.loads(cmd.group(1)) == _compose_command(compose()["services"]["worker"])
+    for name in ("migrate", *APP_SERVICES):
+        assert compose()["services"][name]["build"] == ".", name
+
+
+@pytest.mark.integration
+def test_migrate_service_command_upgrades_a_fresh_database(tmp_path: Path) -> None:
+    # Given an empty PostgreSQL database
+    name = f"taskrail_deploy_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        # When the migrate service's command runs against it
+        env = {**_env(tmp_path), "TASKRAIL_DATABASE_URL": url}
+        argv = _compose_command(compose()["services"]["migrate"])
+        done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        # Then the schema is at the newest migration
+        assert done.returncode == 0, done.stderr
+        engine = create_engine(url)
+        try:
+            assert migrate.current_revision(engine) == migrate.head_revision()
+        finally:
+            engine.dispose()
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
