@@ -124,10 +124,14 @@ class Dispatcher:
             raise BrokerUnavailable(self.where, redact_text(str(err))) from err
 
     def send_many(self, hop: str, args_list: Iterable[Sequence[Any]]) -> int:
-        """Publish many messages over one connection. Raises BrokerUnavailable."""
+        """Publish many messages over one connection, pipelined where the transport can.
+
+        On Redis, kombu's publish batch sends up to 1,000 messages per round trip; other
+        transports publish one by one. Raises BrokerUnavailable.
+        """
         sent = 0
         try:
-            with self.app.producer_or_acquire() as producer:
+            with self.app.producer_or_acquire() as producer, producer.batch(max_size=1000):
                 for args in args_list:
                     self.send(hop, args, producer=producer)
                     sent += 1
