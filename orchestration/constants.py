@@ -11,6 +11,8 @@ SWEEP_TASK = "taskrail.sweep"
 # Queues: short bookkeeping hops apart from handler calls, so each can get its own pool.
 QUEUE_HOPS = "taskrail.hops"
 QUEUE_EXECUTE = "taskrail.execute"
+# The sweeper's own queue: a backlog of hops must not delay (or expire) a sweep.
+QUEUE_CONTROL = "taskrail.control"
 
 # Embedded default: everything under one folder in the working directory.
 DEFAULT_DATA_DIR = ".taskrail"

@@ -24,8 +24,13 @@ HOP_QUEUES = {
     c.HOP_ASSIGN: c.QUEUE_HOPS,
     c.HOP_START: c.QUEUE_HOPS,
     c.HOP_EXECUTE: c.QUEUE_EXECUTE,
-    c.SWEEP_TASK: c.QUEUE_HOPS,
+    c.SWEEP_TASK: c.QUEUE_CONTROL,
 }
+
+
+def _queue(name: str) -> Queue:
+    """A hop queue: a direct exchange of the same name, routed by its name."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -64,10 +69,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Flower sees every hop.
         "worker_send_task_events": True,
         "task_send_sent_event": False,
-        "task_queues": [
-            Queue(name, Exchange(name, type="direct"), routing_key=name)
-            for name in (c.QUEUE_HOPS, c.QUEUE_EXECUTE)
-        ],
+        "task_queues": [_queue(name) for name in (c.QUEUE_HOPS, c.QUEUE_EXECUTE, c.QUEUE_CONTROL)],
         "task_default_exchange": c.QUEUE_HOPS,
         "task_default_routing_key": c.QUEUE_HOPS,
         "task_default_queue": c.QUEUE_HOPS,
@@ -122,6 +124,17 @@ class Dispatcher:
             )
         except (KombuOperationalError, OSError) as err:
             raise BrokerUnavailable(self.where, redact_text(str(err))) from err
+
+    def queue_depth(self, queue: str) -> int | None:
+        """Messages waiting in ``queue`` (not those held by workers), or None if unknown."""
+        # Declaring the queue as the workers do (idempotent) answers with its depth on
+        # every transport; a passive declare fails on Redis for an empty (absent) list.
+        try:
+            with self.app.connection_for_read() as conn:
+                declared = _queue(queue)(conn.default_channel).queue_declare()
+            return int(declared.message_count)
+        except Exception:  # a transport that cannot tell, or a broker that is down
+            return None
 
     def send_many(self, hop: str, args_list: Iterable[Sequence[Any]]) -> int:
         """Publish many messages over one connection, pipelined where the transport can.

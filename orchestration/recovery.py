@@ -44,7 +44,7 @@ HOP_FOR_STATUS = {
 }
 
 _STUCK = (
-    "status IN ('pending', 'assigned', 'in_progress') "
+    "status IN ({statuses}) "
     "AND updated_at < :cutoff "
     "AND (redriven_at IS NULL OR redriven_at < :cutoff) "
     "AND (lease_expires_at IS NULL OR lease_expires_at < :now) "
@@ -63,16 +63,24 @@ class Redrive:
     agent: str | None
 
 
-@functools.lru_cache(maxsize=2)
-def _claim_sql(skip_locked: bool) -> Executable:
+@functools.lru_cache(maxsize=8)
+def _claim_sql(skip_locked: bool, statuses: tuple[TaskStatus, ...]) -> Executable:
     t = tasks_table.c
-    lock = " FOR UPDATE SKIP LOCKED" if skip_locked else ""
-    sql = (
-        "UPDATE tasks SET redriven_at = :now WHERE id IN ("
-        f"SELECT id FROM tasks WHERE {_STUCK} ORDER BY updated_at LIMIT :batch{lock}"
-        f") AND {_STUCK} "
-        "RETURNING id, status, task_type, attempts, assigned_agent"
+    stuck = _STUCK.format(statuses=", ".join(f"'{s.value}'" for s in statuses))
+    pick = f"SELECT id FROM tasks WHERE {stuck} ORDER BY updated_at LIMIT :batch"
+    returning = (
+        "RETURNING tasks.id, tasks.status, tasks.task_type, tasks.attempts, tasks.assigned_agent"
     )
+    if skip_locked:
+        # PostgreSQL: lock the picked rows in a CTE, so the LIMIT holds (an IN (subquery)
+        # may be re-run by the planner) and a concurrent sweeper skips them.
+        sql = (
+            f"WITH picked AS ({pick} FOR UPDATE SKIP LOCKED) "
+            "UPDATE tasks SET redriven_at = :now FROM picked WHERE tasks.id = picked.id "
+            + returning
+        )
+    else:  # SQLite: one writer at a time; the subquery runs once
+        sql = f"UPDATE tasks SET redriven_at = :now WHERE id IN ({pick}) " + returning
     return (
         text(sql)
         .bindparams(
@@ -83,12 +91,18 @@ def _claim_sql(skip_locked: bool) -> Executable:
     )
 
 
-def claim_stuck(db: Database, *, redrive_after_s: float, batch: int) -> list[Redrive]:
-    """Claim up to ``batch`` stuck tasks, oldest first, and say which hop drives each."""
+def claim_stuck(
+    db: Database,
+    *,
+    redrive_after_s: float,
+    batch: int,
+    statuses: tuple[TaskStatus, ...] = ACTIVE_STATUSES,
+) -> list[Redrive]:
+    """Claim up to ``batch`` stuck tasks in ``statuses``, oldest first, with their hops."""
     now = utcnow()
     params = {"now": now, "cutoff": now - timedelta(seconds=redrive_after_s), "batch": batch}
     with db.begin() as conn:
-        rows = conn.execute(_claim_sql(db.is_postgres), params).mappings().all()
+        rows = conn.execute(_claim_sql(db.is_postgres, statuses), params).mappings().all()
     redrives = []
     for row in sorted(rows, key=lambda r: r["id"]):
         status = TaskStatus(row["status"])
@@ -138,8 +152,18 @@ def sweep(
 
     A message that cannot be sent stays claimed; the task is picked up again after
     ``redrive_after_s``. Raises BrokerUnavailable after claiming if the broker is down.
+
+    While the hops queue holds a backlog (more than ``batch`` messages), pending and
+    assigned tasks are most likely still queued, not lost: only tasks whose handler's
+    worker died (in_progress, lease expired) are re-driven, so a backlog is not sent
+    again on every pass.
     """
-    redrives = claim_stuck(db, redrive_after_s=redrive_after_s, batch=batch)
+    statuses: tuple[TaskStatus, ...] = ACTIVE_STATUSES
+    backlog = dispatcher.queue_depth(c.QUEUE_HOPS)
+    if backlog is not None and backlog > batch:
+        statuses = (TaskStatus.IN_PROGRESS,)
+        log.info("sweep_backlog", queue=c.QUEUE_HOPS, messages=backlog)
+    redrives = claim_stuck(db, redrive_after_s=redrive_after_s, batch=batch, statuses=statuses)
     for redrive in redrives:
         options: dict[str, Any] = {}
         if redrive.hop == c.HOP_EXECUTE and redrive.agent:

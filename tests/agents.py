@@ -6,7 +6,9 @@ Loaded with ``TASKRAIL_AGENTS=demo_agents,tests.agents``.
 from __future__ import annotations
 
 import os
+import signal
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -85,3 +87,65 @@ def dual_broken(task: TaskView) -> dict[str, Any]:
 @agent("dual_ok_agent", task_types=["dual"])
 def dual_ok(task: TaskView) -> dict[str, Any]:
     return {"served": task.id}
+
+
+# -- the chaos suite's agents (tests/chaos) -----------------------------------------------
+
+_counters: dict[int, redis.Redis] = {}
+
+
+def _pid_counter() -> redis.Redis:
+    """One counter client per process (handlers run many times in one pool process)."""
+    client = _counters.get(os.getpid())
+    if client is None:
+        client = _counters[os.getpid()] = _counter()
+    return client
+
+
+def _chaos_run(task: TaskView) -> dict[str, Any]:
+    """Counts calls (``calls:<id>``), notes the pid (``pid:<id>``), sleeps, records the run.
+
+    Payload: ``sleep_s`` (every call), ``first_sleep_s`` (the first call only). A call that
+    returns pushes its run id on ``runs:<id>`` just before returning, so a test can check
+    that the stored result comes from a run that really finished.
+    """
+    counter = _pid_counter()
+    pipe = counter.pipeline(transaction=False)
+    pipe.incr(key(f"calls:{task.id}"))
+    pipe.set(key(f"pid:{task.id}"), os.getpid())
+    calls = int(pipe.execute()[0])
+    sleep_s = float(task.payload.get("sleep_s", 0))
+    if calls == 1:
+        sleep_s += float(task.payload.get("first_sleep_s", 0))
+    if sleep_s:
+        time.sleep(sleep_s)
+    run = uuid.uuid4().hex[:12]
+    counter.rpush(key(f"runs:{task.id}"), run)
+    return {"task": task.id, "run": run, "call": calls, "attempt": task.attempt}
+
+
+@agent("chaos_agent", task_types=["chaos"], max_attempts=10)
+def chaos(task: TaskView) -> dict[str, Any]:
+    return _chaos_run(task)
+
+
+@agent("chaos_hour_agent", task_types=["chaos_hour"], time_limit_s=3600, max_attempts=10)
+def chaos_hour(task: TaskView) -> dict[str, Any]:
+    """The chaos agent with a one-hour time limit."""
+    return _chaos_run(task)
+
+
+@agent("suicide_agent", task_types=["suicide"])
+def suicide(task: TaskView) -> dict[str, Any]:
+    """A poison task: SIGKILLs the process running it, every time (counts ``calls:<id>``)."""
+    _pid_counter().incr(key(f"calls:{task.id}"))
+    os.kill(os.getpid(), signal.SIGKILL)
+    return {"unreachable": True}
+
+
+@agent("overrun_agent", task_types=["overrun"], time_limit_s=1, max_attempts=2)
+def overrun(task: TaskView) -> dict[str, Any]:
+    """Runs past its one-second time limit (``sleep_s``, default 5); counts ``calls:<id>``."""
+    _pid_counter().incr(key(f"calls:{task.id}"))
+    time.sleep(float(task.payload.get("sleep_s", 5)))
+    return {"overran": False}

@@ -96,7 +96,7 @@ def test_procfile_and_compose_run_the_same_commands() -> None:
         assert command_words(procs[name]) == command_words(_compose_command(services[name])), name
     worker = command_words(procs["worker"])
     assert worker[:4] == ["celery", "-A", "workers", "worker"]
-    assert "--queues=taskrail.hops,taskrail.execute" in worker
+    assert "--queues=taskrail.hops,taskrail.execute,taskrail.control" in worker
     assert command_words(procs["beat"])[:4] == ["celery", "-A", "workers", "beat"]
     assert command_words(procs["flower"])[:4] == ["celery", "-A", "workers", "flower"]
     assert command_words(procs["metrics"])[:2] == ["taskrail", "metrics"]

@@ -68,3 +68,34 @@ def test_worker_killed_mid_handler_with_one_hour_limit_is_redriven_within_60s(
     assert int(calls.get(key(f"calls:{task_id}"))) == 2
     assert_valid_path(task_id, event_paths(pg_url)[task_id], "completed")
     assert api.get(task_id).attempts == 2
+
+
+def test_sweeper_does_not_resend_a_queued_backlog(server_settings, pg_url: str) -> None:
+    # Given 150 pending tasks whose messages still wait in the queue (no workers), all
+    # older than the re-drive delay, and one in_progress task whose worker died
+    from sqlalchemy import text as sql
+
+    from orchestration.recovery import sweep
+
+    trail = api.client()
+    ids = trail.submit_many([{"task_type": "payroll", "client_id": i} for i in range(150)])
+    with trail.db.begin() as conn:
+        conn.execute(sql("UPDATE tasks SET updated_at = now() - interval '1 hour'"))
+        conn.execute(
+            sql(
+                "UPDATE tasks SET status = 'in_progress', assigned_agent = 'payroll_agent', "
+                "attempts = 1, lease_owner = 'dead', "
+                "lease_expires_at = now() - interval '1 minute' "
+                "WHERE id = :id"
+            ),
+            {"id": ids[0]},
+        )
+    # When a sweep runs with a batch smaller than the backlog
+    redriven = sweep(trail.db, trail.dispatcher, redrive_after_s=15, batch=100)
+    # Then only the dead worker's task is re-driven; the queued ones are left alone
+    assert [(r.task_id, r.hop) for r in redriven] == [(ids[0], "taskrail.execute")]
+    # and once the queue is drained (messages lost), the pending ones are re-driven
+    purge(server_settings.effective_broker_url, KEY_PREFIX)
+    redriven = sweep(trail.db, trail.dispatcher, redrive_after_s=15, batch=100)
+    assert len(redriven) == 100
+    assert {r.hop for r in redriven} == {"taskrail.assign"}
