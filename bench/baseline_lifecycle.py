@@ -30,11 +30,18 @@ from celery import Celery
 BROKER = os.environ.get("BROKER", "redis://127.0.0.1:6379/6")
 DSN = os.environ.get("DSN", "postgresql://postgres@127.0.0.1:5432/bench_taskrail")
 app = Celery("naive", broker=BROKER)
-app.conf.update(task_serializer="json", accept_content=["json"], task_ignore_result=True,
-                worker_prefetch_multiplier=int(os.environ.get("PREFETCH", "4")), task_acks_late=True)
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    task_ignore_result=True,
+    worker_prefetch_multiplier=int(os.environ.get("PREFETCH", "4")),
+    task_acks_late=True,
+)
 
-TABLE_DDL = ("CREATE TABLE bench_task (id bigserial primary key, status text not null, "
-             "updated_at timestamptz default now())")
+TABLE_DDL = (
+    "CREATE TABLE bench_task (id bigserial primary key, status text not null, "
+    "updated_at timestamptz default now())"
+)
 
 _conn = None
 
@@ -47,7 +54,10 @@ def conn():
 
 
 def cas(task_id, frm, to):
-    cur = conn().execute("UPDATE bench_task SET status=%s, updated_at=now() WHERE id=%s AND status=%s", (to, task_id, frm))
+    cur = conn().execute(
+        "UPDATE bench_task SET status=%s, updated_at=now() WHERE id=%s AND status=%s",
+        (to, task_id, frm),
+    )
     return cur.rowcount == 1
 
 
@@ -72,8 +82,14 @@ def create_rows(c, n):
     """The reference's table and rows: drop, create, insert n pending rows; returns their ids."""
     c.execute("DROP TABLE IF EXISTS bench_task")
     c.execute(TABLE_DDL)
-    return [r[0] for r in c.execute(
-        "INSERT INTO bench_task(status) SELECT 'pending' FROM generate_series(1,%s) RETURNING id", (n,))]
+    return [
+        r[0]
+        for r in c.execute(
+            "INSERT INTO bench_task(status) SELECT 'pending' "
+            "FROM generate_series(1,%s) RETURNING id",
+            (n,),
+        )
+    ]
 
 
 def produce(n):
@@ -89,7 +105,10 @@ def produce(n):
             break
         time.sleep(0.05)
     dt = time.perf_counter() - t0
-    print(f"naive: {n} tasks x 3 hops in {dt:.2f}s -> {n/dt:.0f} tasks/s, {3*n/dt:.0f} hops/s (enqueue {n/t_enq:.0f}/s)")
+    print(
+        f"naive: {n} tasks x 3 hops in {dt:.2f}s -> {n / dt:.0f} tasks/s, "
+        f"{3 * n / dt:.0f} hops/s (enqueue {n / t_enq:.0f}/s)"
+    )
 
 
 if __name__ == "__main__":

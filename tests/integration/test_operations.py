@@ -403,6 +403,7 @@ def test_lifecycle_on_rabbitmq(
     while (depths := _queue_depths(AMQP_URL, settings)) != {
         "taskrail.hops": 0,
         "taskrail.execute": 0,
+        "taskrail.control": 0,
     }:
         assert time.monotonic() < deadline, depths
         time.sleep(0.3)

@@ -1,0 +1,294 @@
+"""Helpers shared by bench/submit.py and bench/lifecycle.py (not a benchmark itself).
+
+Everything here reads the servers from outside: a fresh Postgres database, a Redis
+database of the benchmark's own, server-side counters (pg_stat_database,
+pg_stat_user_tables, Redis MONITOR filtered by database) and /proc for worker CPU and RSS.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import redis
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+
+PG_HOST = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+REDIS_HOST = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
+DB_NAME = os.environ.get("BENCH_DB_NAME", "bench_taskrail")
+# Redis database numbers of the benchmark's own (the tests use 9 and 10, the shared
+# baseline scripts 11-15).
+REDIS_DB_SUBMIT = 3
+REDIS_DB_TASKRAIL = 4
+REDIS_DB_BREAKERS = 5
+REDIS_DB_BASELINE = 6
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def pg_dsn(db: str = DB_NAME) -> str:
+    """A libpq URL (psycopg.connect, the baseline)."""
+    return f"{PG_HOST}/{db}"
+
+
+def sqlalchemy_url(db: str = DB_NAME) -> str:
+    """The same database as a SQLAlchemy URL for psycopg 3."""
+    return pg_dsn(db).replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+def redis_url(db: int) -> str:
+    return f"{REDIS_HOST}/{db}"
+
+
+def fresh_database(db: str = DB_NAME, migrate: bool = True) -> None:
+    """Drop and create ``db``; apply taskrail's migrations with Database(url).upgrade()."""
+    with psycopg.connect(pg_dsn("postgres"), autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{db}"')
+    if migrate:
+        from orchestration.db import Database
+
+        database = Database(sqlalchemy_url(db))
+        database.upgrade()
+        database.dispose()
+
+
+def flush_redis(db: int) -> redis.Redis:
+    client = redis.Redis.from_url(redis_url(db))
+    client.flushdb()
+    return client
+
+
+def pct(xs: list[float], p: float) -> float:
+    """Percentile with linear interpolation (the reference's latency_naive.py)."""
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p / 100.0
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# -- server-side counters --------------------------------------------------------
+
+
+def pg_counters(db: str = DB_NAME) -> dict[str, int]:
+    """Transactions of ``db`` and tuple writes on its tables, read on a connection of its own.
+
+    The reading connection's own transaction is not flushed into the figures it reads
+    (backends report their statistics when they go idle or exit), so take this after
+    the backends being measured have exited or gone idle for over a second.
+    """
+    with psycopg.connect(pg_dsn(db), autocommit=True) as c:
+        xact = c.execute(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s", (db,)
+        ).fetchone()[0]
+        upd, ins = c.execute(
+            "SELECT coalesce(sum(n_tup_upd), 0), coalesce(sum(n_tup_ins), 0) "
+            "FROM pg_stat_user_tables"
+        ).fetchone()
+    return {"xact": int(xact), "upd": int(upd), "ins": int(ins)}
+
+
+# -- worker processes --------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                kids += [int(x) for x in fh.read().split()]
+    except OSError:
+        pass
+    return kids
+
+
+def process_tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += _children(p)
+    return out
+
+
+def cpu_s(pids: list[int]) -> float:
+    total = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except OSError:
+            pass
+    return total / CLK_TCK
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM: the process's peak resident set size."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+@dataclass
+class WorkerSet:
+    """Celery worker processes started by the benchmark (each in a session of its own)."""
+
+    label: str
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    log_paths: list[Path] = field(default_factory=list)
+
+    def pids(self) -> list[int]:
+        out: list[int] = []
+        for p in self.procs:
+            out += process_tree(p.pid)
+        return out
+
+    def check_alive(self) -> None:
+        for p, log in zip(self.procs, self.log_paths, strict=True):
+            if p.poll() is not None:
+                tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+                raise SystemExit(
+                    f"{self.label} worker exited with {p.returncode}; log {log}:\n{tail}"
+                )
+
+    def rss(self) -> dict[str, float]:
+        """Peak RSS (MB): per process, and the largest and the sum over all of them."""
+        values = [v for v in (peak_rss_mb(p) for p in self.pids()) if v is not None]
+        return {"sum": sum(values), "max": max(values, default=0.0), "n": len(values)}
+
+    def stop(self, timeout: float = 20.0) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)  # warm shutdown, like the reference's kill -TERM
+        deadline = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)  # its own session: only what we started
+                p.wait(5)
+
+
+def start_workers(
+    label: str,
+    app: str,
+    cwd: Path,
+    env: dict[str, str],
+    pool: str,
+    concurrency: int,
+    instances: int,
+    log_dir: Path,
+) -> WorkerSet:
+    celery = str(Path(sys.executable).with_name("celery"))
+    ws = WorkerSet(label)
+    for k in range(instances):
+        log = log_dir / f"{label}_worker{k + 1}.log"
+        cmd = [
+            celery,
+            "-A",
+            app,
+            "worker",
+            "-n",
+            f"{label}{k + 1}@%h",
+            "-P",
+            pool,
+            "-c",
+            str(concurrency),
+            "-l",
+            "warning",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+        with open(log, "wb") as out:
+            ws.procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=cwd,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+        ws.log_paths.append(log)
+    return ws
+
+
+def wait_ready(ws: WorkerSet, celery_app, timeout: float = 30.0) -> None:
+    """Wait until every worker answers a remote-control ping, plus half a second for its pool."""
+    names = {f"{ws.label}{k + 1}" for k in range(len(ws.procs))}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ws.check_alive()
+        replies = celery_app.control.ping(timeout=0.5) or []
+        seen = {next(iter(r)).split("@", 1)[0] for r in replies}
+        if names <= seen:
+            time.sleep(0.5)
+            return
+    raise SystemExit(f"{ws.label} workers not ready after {timeout}s (see {ws.log_paths})")
+
+
+class RedisMonitor:
+    """Counts Redis commands per database with MONITOR, in a thread (for untimed runs only).
+
+    Commands that a Lua script runs inside the server are counted apart: they are not
+    round trips. Stop it with :meth:`stop`, which sends a marker through the server.
+    """
+
+    MARK = b"__bench_monitor_stop__"
+
+    def __init__(self, dbs: set[int]) -> None:
+        import threading
+        from collections import Counter
+
+        self.dbs = {str(d).encode() for d in dbs}
+        self.counts: Counter = Counter()
+        self.lua: Counter = Counter()
+        self._client = redis.Redis.from_url(redis_url(0))
+        self._conn = self._client.connection_pool.get_connection()
+        self._conn.send_command("MONITOR")
+        self._conn.read_response()  # OK
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            line = self._conn.read_response()
+            if not isinstance(line, bytes):
+                continue
+            try:
+                rest = line.split(b" ", 1)[1]
+                close = rest.index(b"] ")
+                db, client = rest[1:close].split(b" ", 1)
+                cmd = rest[close + 2 :].split(b'"', 2)[1].lower().decode()
+            except (IndexError, ValueError):
+                continue
+            if self.MARK in rest:
+                return
+            if db in self.dbs:
+                (self.lua if client == b"lua" else self.counts)[cmd] += 1
+
+    def stop(self) -> None:
+        self._client.echo(self.MARK)
+        self._thread.join(10)
+        self._client.connection_pool.disconnect()
