@@ -99,3 +99,38 @@ def test_sweeper_does_not_resend_a_queued_backlog(server_settings, pg_url: str) 
     redriven = sweep(trail.db, trail.dispatcher, redrive_after_s=15, batch=100)
     assert len(redriven) == 100
     assert {r.hop for r in redriven} == {"taskrail.assign"}
+
+
+def test_two_sweepers_at_once_never_claim_the_same_task(server_settings, pg_url: str) -> None:
+    # Given 400 stuck pending tasks (as if two beat processes ran by mistake)
+    import threading
+
+    from sqlalchemy import text as sql
+
+    from orchestration.db import Database
+    from orchestration.recovery import claim_stuck
+
+    trail = api.client()
+    trail.submit_many([{"task_type": "payroll", "client_id": i} for i in range(400)])
+    with trail.db.begin() as conn:
+        conn.execute(sql("UPDATE tasks SET updated_at = now() - interval '1 hour'"))
+    # When two sweepers claim at the same moment, each on its own connections
+    barrier = threading.Barrier(2)
+    claimed: list[list[int]] = [[], []]
+
+    def sweeper(slot: int) -> None:
+        db = Database(pg_url)
+        barrier.wait()
+        for _ in range(5):
+            claimed[slot] += [r.task_id for r in claim_stuck(db, redrive_after_s=15, batch=50)]
+        db.dispose()
+
+    threads = [threading.Thread(target=sweeper, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    # Then no task is claimed twice, and between them they claimed all 400
+    both = claimed[0] + claimed[1]
+    assert len(both) == len(set(both))
+    assert len(both) == 400
