@@ -100,51 +100,43 @@ def renew(db: Database, task_id: int, token: str, ttl_s: float) -> bool:
     return result.rowcount == 1
 
 
-def release_for_retry(
-    db: Database, task_id: int, token: str, error: str, retry_at: Any, *, end_deferral: bool = True
+def release(
+    db: Database,
+    task_id: int,
+    token: str,
+    retry_at: Any,
+    *,
+    error: str | None = None,
+    attempt_used: bool = True,
+    end_deferral: bool = True,
 ) -> bool:
-    """Give the lease back after a transient failure; the next attempt is due at ``retry_at``.
+    """Give the lease back; the next attempt is due at ``retry_at``. False if not ours.
 
-    ``end_deferral`` clears the record of a breaker deferral: the call went through a
-    closed breaker. A failed half-open trial keeps it, so a long outage still ends in
-    escalation after ``max_deferral_s``.
+    After a transient failure pass the ``error``. ``attempt_used=False`` gives the
+    attempt back too (the handler was never called). ``end_deferral`` clears the record
+    of a breaker deferral (the call went through a closed breaker); a failed half-open
+    trial keeps it, so a long outage still ends in escalation after ``max_deferral_s``.
     """
-    extra: dict[str, Any] = {"deferred_since": None} if end_deferral else {}
     t = tasks_table
+    values: dict[str, Any] = {
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "not_before": retry_at,
+        "updated_at": utcnow(),
+    }
+    if error is not None:
+        values["last_error"] = error
+    if not attempt_used:
+        values["attempts"] = t.c.attempts - 1
+    if end_deferral:
+        values["deferred_since"] = None
     with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
         result = conn.execute(
             update(t)
             .where(
                 t.c.id == task_id, t.c.lease_owner == token, t.c.status == TaskStatus.IN_PROGRESS
             )
-            .values(
-                lease_owner=None,
-                lease_expires_at=None,
-                last_error=error,
-                not_before=retry_at,
-                updated_at=utcnow(),
-                **extra,
-            )
-        )
-    return result.rowcount == 1
-
-
-def release_unconsumed(db: Database, task_id: int, token: str, retry_at: Any) -> bool:
-    """Give the lease back and the attempt too: the handler was never called."""
-    t = tasks_table
-    with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
-        result = conn.execute(
-            update(t)
-            .where(
-                t.c.id == task_id, t.c.lease_owner == token, t.c.status == TaskStatus.IN_PROGRESS
-            )
-            .values(
-                lease_owner=None,
-                lease_expires_at=None,
-                attempts=t.c.attempts - 1,
-                not_before=retry_at,
-                updated_at=utcnow(),
-            )
+            .values(values)
         )
     return result.rowcount == 1
 

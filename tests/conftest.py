@@ -15,9 +15,8 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 
-from orchestration import api
 from orchestration.db import Database
-from orchestration.settings import Settings, get_settings
+from orchestration.settings import Settings
 from tests.support import (
     BREAKER_NAMESPACE,
     KEY_PREFIX,
@@ -26,6 +25,7 @@ from tests.support import (
     REPO,
     WorkerFleet,
     purge,
+    settings_from,
 )
 
 BROKER_DB = 9
@@ -118,29 +118,16 @@ def server_settings(
     server_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Settings]:
     """Settings (and the process-wide API client) pointing at the real servers."""
-    for key, value in server_env.items():
-        if key.startswith("TASKRAIL_"):
-            monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    api.reset_client()
-    yield get_settings()
-    api.reset_client()
-    get_settings.cache_clear()
+    with settings_from(server_env, monkeypatch) as settings:
+        yield settings
 
 
 @pytest.fixture
 def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settings]:
     """The embedded default (SQLite file, file-system broker) in a clean directory."""
-    for key in list(os.environ):
-        if key.startswith("TASKRAIL_"):
-            monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("TASKRAIL_AGENTS", "demo_agents,tests.agents")
-    get_settings.cache_clear()
-    api.reset_client()
-    yield get_settings()
-    api.reset_client()
-    get_settings.cache_clear()
+    with settings_from({"TASKRAIL_AGENTS": "demo_agents,tests.agents"}, monkeypatch) as settings:
+        yield settings
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,27 @@ def purge(url: str, prefix: str) -> None:
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     for i in range(0, len(keys), 500):
         client.delete(*keys[i : i + 500])
+
+
+@contextlib.contextmanager
+def settings_from(env: Mapping[str, str], monkeypatch: Any) -> Iterator[Any]:
+    """This process's settings and API client built from the ``TASKRAIL_*`` of ``env``."""
+    from orchestration import api
+    from orchestration.settings import get_settings
+
+    for key in list(os.environ):
+        if key.startswith("TASKRAIL_") and key not in env:
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith("TASKRAIL_"):
+            monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    api.reset_client()
+    try:
+        yield get_settings()
+    finally:
+        api.reset_client()
+        get_settings.cache_clear()
 
 
 def celery_bin() -> str:

@@ -101,7 +101,7 @@ def execute(rt: Runtime, task_id: int, attempts: int, agent: str | None) -> None
         try:
             permit = breaker.before_call()
         except BreakerOpen:
-            leases.release_unconsumed(rt.db, task_id, token, utcnow())
+            leases.release(rt.db, task_id, token, utcnow(), attempt_used=False, end_deferral=False)
             send_execute(rt, task_id, attempts, spec.name)
             return
     assert breaker is not None and permit is not None
@@ -207,8 +207,8 @@ def transient(
         return
     delay = backoff_s(rt, claimed.attempt)
     retry_at = utcnow() + timedelta(seconds=delay)
-    released = leases.release_for_retry(
-        rt.db, claimed.task_id, claimed.token, error, retry_at, end_deferral=not trial
+    released = leases.release(
+        rt.db, claimed.task_id, claimed.token, retry_at, error=error, end_deferral=not trial
     )
     if not released:
         log.warning("lease_lost", transition="retry", reason="another worker took the task over")

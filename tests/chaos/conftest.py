@@ -18,10 +18,9 @@ from typing import Any
 import pytest
 import redis
 
-from orchestration import api
 from orchestration.db import Database
-from orchestration.settings import Settings, get_settings
-from tests.support import KEY_PREFIX, REPO, OwnPostgres, OwnRedis, WorkerFleet
+from orchestration.settings import Settings
+from tests.support import KEY_PREFIX, REPO, OwnPostgres, OwnRedis, WorkerFleet, settings_from
 
 # The suite's results, printed at the end of the run (tasks, faults, lost, duplicates, drain).
 _REPORTS: list[dict[str, Any]] = []
@@ -105,14 +104,8 @@ def chaos_settings(
     chaos_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Settings]:
     """This process's settings and API client, pointing at the test's own servers."""
-    for key, value in chaos_env.items():
-        if key.startswith("TASKRAIL_"):
-            monkeypatch.setenv(key, value)
-    get_settings.cache_clear()
-    api.reset_client()
-    yield get_settings()
-    api.reset_client()
-    get_settings.cache_clear()
+    with settings_from(chaos_env, monkeypatch) as settings:
+        yield settings
 
 
 @pytest.fixture
