@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -33,6 +34,7 @@ from orchestration.agents import (
     registry,
 )
 from orchestration.breakers import BreakerOpen, Permit, SharedBreaker
+from orchestration.errors import DatabaseUnavailable
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, utcnow
 from orchestration.redact import redact_text
@@ -42,6 +44,9 @@ from workers.runtime import Runtime
 log = get_logger("taskrail.hop")
 
 MAX_ERROR_CHARS = 2000
+# Pauses between tries of a handler's final write while the database is unreachable:
+# about 8 s in all, well inside the lease's TTL.
+FINISH_RETRY_PAUSES_S = (0.5, 1.0, 2.0, 4.0)
 
 
 def explain_stale(rt: Runtime, task_id: int, expected: str) -> None:
@@ -173,17 +178,29 @@ def finish(
         values["result"] = result
     else:
         values["last_error"] = reason
-    outcome = apply_transition(
-        rt.db,
-        claimed.task_id,
-        event,
-        expected=TaskStatus.IN_PROGRESS,
-        agent=claimed.agent,
-        reason=reason,
-        worker=rt.worker,
-        set_=values,
-        guard={"lease_owner": claimed.token},
-    )
+    # The handler's work is done: a short database outage should not throw it away. Keep
+    # the lease alive and try the write again for a while before giving up (the hop is
+    # then retried, and the sweeper re-drives the task once the lease expires).
+    with rt.leases.hold(claimed.task_id, claimed.token):
+        for pause_s in (*FINISH_RETRY_PAUSES_S, None):
+            try:
+                outcome = apply_transition(
+                    rt.db,
+                    claimed.task_id,
+                    event,
+                    expected=TaskStatus.IN_PROGRESS,
+                    agent=claimed.agent,
+                    reason=reason,
+                    worker=rt.worker,
+                    set_=values,
+                    guard={"lease_owner": claimed.token},
+                )
+                break
+            except DatabaseUnavailable as err:
+                if pause_s is None:
+                    raise
+                log.warning("finish_retry", transition=event, error=str(err), pause_s=pause_s)
+                time.sleep(pause_s)
     if outcome.outcome is not Outcome.APPLIED:
         log.warning("lease_lost", transition=event, reason="another worker took the task over")
 
