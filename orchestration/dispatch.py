@@ -55,7 +55,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.effective_broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
-        # JSON only: pickle on a queue is remote code execution.
+        # JSON only: a serializer that can build arbitrary objects turns the queue into
+        # remote code execution.
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
