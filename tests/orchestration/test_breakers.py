@@ -11,15 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
-import shutil
-import socket
-import subprocess
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pybreaker
@@ -41,6 +37,7 @@ from orchestration.breakers import (
     SharedBreaker,
 )
 from orchestration.errors import InfrastructureError
+from tests.support import OwnRedis, free_port
 
 BREAKER_TEST_DB = 11
 # Children come from a fork server that has imported this module once: starting
@@ -67,70 +64,11 @@ def url(redis_server: str) -> Iterator[str]:
     client.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class OwnRedis:
-    """A redis-server of the test's own, to stop and start at will."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = _free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed; these tests need it", pytrace=False)
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-            cwd=self.workdir,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    pytest.fail(f"own redis-server on port {self.port} did not start")
-                time.sleep(0.02)
-        client.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    server = OwnRedis(tmp_path)
-    server.start()
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis().start()
     yield server
-    server.kill()
+    server.stop()
 
 
 def _stock_breaker(client: redis.Redis, namespace: str, **kwargs: Any) -> pybreaker.CircuitBreaker:
@@ -446,7 +384,7 @@ def test_threads_do_not_serialise_through_a_closed_breaker(url: str) -> None:
 @pytest.mark.integration
 def test_unreachable_redis_refuses_the_call(url: str) -> None:
     # Given a board whose Redis does not listen (building it and its breakers connects to nothing)
-    board = BreakerBoard(f"redis://127.0.0.1:{_free_port()}/0")
+    board = BreakerBoard(f"redis://127.0.0.1:{free_port()}/0")
     breaker = board.breaker("agent:nowhere", fail_max=3, reset_timeout_s=10)
     calls: list[int] = []
     # When a call is made
@@ -473,7 +411,7 @@ def test_stock_breaker_reads_closed_when_redis_is_down(own_redis: OwnRedis) -> N
     with pytest.raises(pybreaker.CircuitBreakerError):
         cb.call(calls.append, 1)
     # When Redis stops
-    own_redis.kill()
+    own_redis.stop()
     # Then the broken downstream is called, unguarded
     cb.call(calls.append, 1)
     assert calls == [1]
@@ -487,7 +425,7 @@ def test_redis_stopped_then_restarted(own_redis: OwnRedis) -> None:
     breaker.force_open()
     calls: list[int] = []
     # When Redis stops
-    own_redis.kill()
+    own_redis.stop()
     # Then calls are refused as "state unavailable", not let through
     with pytest.raises(BreakerStateUnavailable):
         breaker.call(calls.append, 1)
@@ -507,7 +445,7 @@ def test_outcome_lost_while_redis_down_is_logged_not_raised(own_redis: OwnRedis)
     breaker = board.breaker("agent:lost", fail_max=3, reset_timeout_s=60)
     permit = breaker.before_call()
     # When Redis stops during the call and the call fails
-    own_redis.kill()
+    own_redis.stop()
     with capture_logs() as logs:
         breaker.on_failure(permit, DownstreamDown("down"))
     # Then recording it does not raise, it is logged, and the cache is dropped: the next
