@@ -219,15 +219,16 @@ class Taskrail:
         """
         task_id = _check_task_id(task_id)
         try:
-            outcome = apply_transition(self.db, task_id, "retry", worker="api")
+            outcome = apply_transition(
+                self.db, task_id, "retry", worker="api", returning=("task_type",)
+            )
         except TransitionNotAllowed:
             raise NotRetryable(task_id, self.get(task_id).status) from None
         if outcome.outcome is Outcome.NOT_FOUND:
             raise TaskNotFound(task_id)
         if outcome.outcome is Outcome.STALE:
             raise NotRetryable(task_id, self.get(task_id).status)
-        task = self.get(task_id)
-        self._enqueue_first_hops([(task_id, task.task_type)])
+        self._enqueue_first_hops([(task_id, outcome.row["task_type"])])
 
     # -- reading ----------------------------------------------------------------
 
