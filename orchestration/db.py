@@ -58,6 +58,12 @@ class Database:
         )
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        dbapi = self.engine.dialect.loaded_dbapi
+        self._dbapi_errors: tuple[type[BaseException], ...] = (dbapi.Error,)
+        self._dbapi_operational: tuple[type[BaseException], ...] = (
+            dbapi.OperationalError,
+            dbapi.InterfaceError,
+        )
         self._schema_ok = False
 
     @property
@@ -91,6 +97,29 @@ class Database:
             raise
         finally:
             conn.close()
+
+    @contextlib.contextmanager
+    def driver_connection(self) -> Iterator[Any]:
+        """The pooled DB-API connection itself, in autocommit mode (PostgreSQL's hot path).
+
+        The hops' single-statement writes run here: SQLAlchemy's statement machinery
+        costs more than the round trip they make. A connection that fails is dropped
+        from the pool. Raises DatabaseUnavailable.
+        """
+        self.ensure_schema()
+        try:
+            fairy = self.autocommit_engine.raw_connection()
+        except exc.DBAPIError as err:
+            raise self._unavailable(err) from err
+        try:
+            yield fairy.driver_connection
+        except self._dbapi_errors as err:
+            if isinstance(err, self._dbapi_operational):
+                fairy.invalidate(err)
+                raise self._unavailable(err) from err
+            raise
+        finally:
+            fairy.close()
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:

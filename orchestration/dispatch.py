@@ -7,15 +7,22 @@ import the hop code in ``workers``. The workers build their app from the same
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
 
 from orchestration import constants as c
-from orchestration import localbroker  # noqa: F401  (registers the embedded transport)
+from orchestration import (
+    localbroker,  # noqa: F401  (registers the embedded transport)
+    protocol,
+    redisbroker,
+)
 from orchestration.errors import BrokerUnavailable
 from orchestration.redact import redact_text, redact_url
 from orchestration.settings import Settings
@@ -51,8 +58,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         transport_options = {"visibility_timeout": settings.visibility_timeout_s}
         if settings.broker_key_prefix and settings.effective_broker_url.startswith("redis"):
             transport_options["global_keyprefix"] = settings.broker_key_prefix
+    url = settings.effective_broker_url
     return {
-        "broker_url": settings.effective_broker_url,
+        "broker_url": url,
+        # Redis: kombu's transport with fewer round trips per message (redisbroker).
+        "broker_transport": redisbroker.TRANSPORT if url.startswith(redisbroker.SCHEMES) else None,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
         # JSON only: a serializer that can build arbitrary objects turns the queue into
@@ -92,15 +102,54 @@ def make_celery(settings: Settings, main: str = "taskrail") -> Celery:
     return app
 
 
+# What a broker that cannot be reached raises, on either path.
+_BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    KombuOperationalError,
+    OSError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+# Options the direct Redis path understands; anything else goes through send_task.
+_DIRECT_OPTIONS = frozenset({"time_limit", "soft_time_limit"})
+PUBLISH_BATCH = 1000
+
+
 class Dispatcher:
-    """Publishes hop messages by task name."""
+    """Publishes hop messages by task name.
+
+    On taskrail's Redis transport a hop message is built by :mod:`orchestration.protocol`
+    and pushed straight onto its queue (one LPUSH, or one pipeline for many); on any
+    other broker it goes through ``Celery.send_task``. Both produce the same message.
+    Safe to share between threads.
+    """
 
     def __init__(self, app: Celery) -> None:
         self.app = app
+        self._lock = threading.Lock()
+        self._connection: Any = None
+        self._channel: redisbroker.Channel | None = None
+        self._direct = str(app.conf.broker_transport or "") == redisbroker.TRANSPORT
 
     @property
     def where(self) -> str:
         return redact_url(str(self.app.conf.broker_url))
+
+    def _redis_channel(self) -> redisbroker.Channel | None:
+        """The channel of the direct path, connected on first use; None off Redis."""
+        if not self._direct:
+            return None
+        channel = self._channel
+        if channel is None:
+            with self._lock:
+                if self._channel is None:
+                    try:
+                        connection = self.app.connection_for_write()
+                        self._channel = connection.default_channel
+                        self._connection = connection
+                    except _BROKER_ERRORS as err:
+                        raise BrokerUnavailable(self.where, redact_text(str(err))) from err
+                channel = self._channel
+        return channel
 
     def send(
         self,
@@ -112,18 +161,31 @@ class Dispatcher:
         **options: Any,
     ) -> None:
         """Publish one hop message. Raises BrokerUnavailable."""
+        queue = HOP_QUEUES.get(hop, c.QUEUE_HOPS)
+        if producer is None and options.keys() <= _DIRECT_OPTIONS:
+            channel = self._redis_channel()
+            if channel is not None:
+                message = protocol.envelope(hop, args, queue, countdown=countdown, **options)
+                self._push(channel, [(queue, message)])
+                return
         try:
             self.app.send_task(
                 hop,
                 args=list(args),
-                queue=HOP_QUEUES.get(hop, c.QUEUE_HOPS),
-                routing_key=HOP_QUEUES.get(hop, c.QUEUE_HOPS),
+                queue=queue,
+                routing_key=queue,
                 countdown=countdown,
                 producer=producer,
                 ignore_result=True,
                 **options,
             )
         except (KombuOperationalError, OSError) as err:
+            raise BrokerUnavailable(self.where, redact_text(str(err))) from err
+
+    def _push(self, channel: redisbroker.Channel, messages: list[tuple[str, Any]]) -> None:
+        try:
+            channel.push(messages)
+        except _BROKER_ERRORS as err:
             raise BrokerUnavailable(self.where, redact_text(str(err))) from err
 
     def queue_depth(self, queue: str) -> int | None:
@@ -138,12 +200,20 @@ class Dispatcher:
             return None
 
     def send_many(self, hop: str, args_list: Iterable[Sequence[Any]]) -> int:
-        """Publish many messages over one connection, pipelined where the transport can.
+        """Publish many messages, pipelined where the transport can.
 
-        On Redis, kombu's publish batch sends up to 1,000 messages per round trip; other
-        transports publish one by one. Raises BrokerUnavailable.
+        On Redis up to 1,000 messages go in one round trip; other transports publish
+        through one producer. Raises BrokerUnavailable.
         """
+        queue = HOP_QUEUES.get(hop, c.QUEUE_HOPS)
+        channel = self._redis_channel()
         sent = 0
+        if channel is not None:
+            items = iter(args_list)
+            while chunk := list(itertools.islice(items, PUBLISH_BATCH)):
+                self._push(channel, [(queue, protocol.envelope(hop, a, queue)) for a in chunk])
+                sent += len(chunk)
+            return sent
         try:
             with self.app.producer_or_acquire() as producer, producer.batch(max_size=1000):
                 for args in args_list:
@@ -152,3 +222,12 @@ class Dispatcher:
         except (KombuOperationalError, OSError) as err:
             raise BrokerUnavailable(self.where, redact_text(str(err))) from err
         return sent
+
+    def close(self) -> None:
+        """Release the direct path's connection (a new one is made on the next send)."""
+        with self._lock:
+            connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            connection.release()
+
+

@@ -94,7 +94,8 @@ class Task(Base):
 
     __tablename__ = "tasks"
     __table_args__ = (
-        Index("ix_tasks_status_updated_at", "status", "updated_at"),
+        # Active tasks by age, for the sweeper (migration 0003 dropped the full
+        # (status, updated_at) index: every hop wrote to it).
         Index(
             "ix_tasks_active_updated_at",
             "updated_at",

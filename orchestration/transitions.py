@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from psycopg.types.json import Jsonb
 from sqlalchemy import Executable, bindparam, select, text
 from statemachine.exceptions import TransitionNotAllowed
 
@@ -32,7 +33,14 @@ from orchestration.state_machine import TaskStateMachine
 
 log = get_logger("taskrail.transitions")
 
-__all__ = ["Outcome", "TransitionNotAllowed", "TransitionResult", "apply_transition", "plan"]
+__all__ = [
+    "INCREMENT",
+    "Outcome",
+    "TransitionNotAllowed",
+    "TransitionResult",
+    "apply_transition",
+    "plan",
+]
 
 
 class Outcome(enum.StrEnum):
@@ -49,6 +57,7 @@ class TransitionResult:
     from_status: TaskStatus | None = None
     to_status: TaskStatus | None = None
     row: Mapping[str, Any] = field(default_factory=dict)
+    agent: str | None = None  # the agent the audit event names
 
     @property
     def applied(self) -> bool:
@@ -95,6 +104,16 @@ def plan(from_status: TaskStatus, event: str, **kwargs: Any) -> tuple[TaskStatus
     return to_status, changes
 
 
+class _Increment:
+    """``set_={"attempts": INCREMENT}`` adds one to the column in the same write."""
+
+    def __repr__(self) -> str:
+        return "INCREMENT"
+
+
+INCREMENT: Any = _Increment()
+
+
 def apply_transition(
     db: Database,
     task_id: int,
@@ -112,14 +131,146 @@ def apply_transition(
 
     ``expected`` is the status the caller believes the task is in (a hop knows it); it
     saves loading the row. Without it the row is read first. ``set_`` adds column
-    values to the update, ``guard`` adds equality conditions to the compare-and-set,
-    ``returning`` names task columns to hand back in ``result.row``.
+    values to the update (:data:`INCREMENT` adds one to a column), ``guard`` adds
+    equality conditions to the compare-and-set (None: IS NULL), ``returning`` names
+    task columns to hand back in ``result.row``.
 
     Raises TransitionNotAllowed (nothing written) and DatabaseUnavailable.
     """
-    # Postgres: each statement commits on its own (the write is one statement).
-    # SQLite: load, update and audit share one transaction.
-    with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
+    if db.is_postgres:
+        result = _apply_postgres(
+            db, task_id, event, expected, agent, reason, worker, set_, guard, returning
+        )
+    else:
+        result = _apply_sqlalchemy(
+            db, task_id, event, expected, agent, reason, worker, set_, guard, returning
+        )
+    if result.outcome is Outcome.APPLIED:
+        assert result.from_status is not None and result.to_status is not None
+        metrics.transition(event, result.agent)
+        log.info(
+            "task_transition",
+            task_id=task_id,
+            transition=event,
+            from_status=result.from_status.value,
+            to_status=result.to_status.value,
+            agent=result.agent,
+            detail=reason,
+        )
+    return result
+
+
+def _values(
+    event: str,
+    from_status: TaskStatus,
+    agent: str | None,
+    reason: str | None,
+    set_: Mapping[str, Any] | None,
+) -> tuple[TaskStatus, dict[str, Any], Any]:
+    """The state machine's verdict and the columns the update writes."""
+    to_status, changes = plan(from_status, event, agent=agent, reason=reason)
+    now = utcnow()
+    values: dict[str, Any] = {**changes, **(set_ or {}), "status": to_status, "updated_at": now}
+    return to_status, values, now
+
+
+# -- PostgreSQL: one statement on the DB-API connection --------------------------------
+
+_JSON_COLUMNS = frozenset({"payload", "result"})
+
+
+@functools.lru_cache(maxsize=256)
+def _pg_statement(
+    value_cols: tuple[tuple[str, bool], ...],
+    guard_cols: tuple[tuple[str, bool], ...],
+    returning: tuple[str, ...],
+) -> tuple[str, tuple[str, ...]]:
+    """The compare-and-set and audit insert of one shape of transition, as one statement.
+
+    ``value_cols``: (column, is_increment); ``guard_cols``: (column, is_null). Returns
+    the SQL and the names of the RETURNING columns.
+    """
+    sets = ", ".join(f"{c} = {c} + 1" if inc else f"{c} = %s" for c, inc in value_cols)
+    where = " AND ".join(
+        ["id = %s", "status = %s"]
+        + [f"{c} IS NULL" if is_null else f"{c} = %s" for c, is_null in guard_cols]
+    )
+    cols = tuple(dict.fromkeys(["id", "assigned_agent", *returning]))
+    ret = ", ".join(cols)
+    audit_cols = ", ".join(_AUDIT_COLUMNS)
+    sql = (
+        f"WITH changed AS (UPDATE tasks SET {sets} WHERE {where} RETURNING {ret}), "
+        f"audited AS (INSERT INTO task_events (task_id, {audit_cols}) "
+        "SELECT id, %s, %s, %s, COALESCE(%s, assigned_agent), %s, %s, %s FROM changed) "
+        f"SELECT {ret} FROM changed"
+    )
+    return sql, cols
+
+
+def _pg_param(column: str, value: Any) -> Any:
+    if column in _JSON_COLUMNS:
+        return Jsonb(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    return value
+
+
+def _apply_postgres(
+    db: Database,
+    task_id: int,
+    event: str,
+    expected: TaskStatus | None,
+    agent: str | None,
+    reason: str | None,
+    worker: str | None,
+    set_: Mapping[str, Any] | None,
+    guard: Mapping[str, Any] | None,
+    returning: Sequence[str],
+) -> TransitionResult:
+    with db.driver_connection() as conn:
+        from_status = expected
+        if from_status is None:
+            stored = conn.execute("SELECT status FROM tasks WHERE id = %s", (task_id,)).fetchone()
+            if stored is None:
+                return TransitionResult(Outcome.NOT_FOUND, task_id, event)
+            from_status = TaskStatus(stored[0])
+        to_status, values, now = _values(event, from_status, agent, reason, set_)
+        guard = guard or {}
+        value_cols = tuple((c, v is INCREMENT) for c, v in values.items())
+        guard_cols = tuple((c, v is None) for c, v in guard.items())
+        sql, cols = _pg_statement(value_cols, guard_cols, tuple(returning))
+        params: list[Any] = [_pg_param(c, v) for c, v in values.items() if v is not INCREMENT]
+        params += [task_id, from_status.value]
+        params += [_pg_param(c, v) for c, v in guard.items() if v is not None]
+        event_agent = agent if agent is not None else values.get("assigned_agent")
+        params += [event, from_status.value, to_status.value, event_agent, reason, worker, now]
+        found = conn.execute(sql, params, prepare=True).fetchone()
+    if found is None:
+        return TransitionResult(Outcome.STALE, task_id, event, from_status, to_status)
+    row = dict(zip(cols, found, strict=True))
+    if event_agent is None:
+        event_agent = row["assigned_agent"]
+    return TransitionResult(
+        Outcome.APPLIED, task_id, event, from_status, to_status, row, event_agent
+    )
+
+
+# -- SQLite (and any other dialect): SQLAlchemy, one transaction -----------------------
+
+
+def _apply_sqlalchemy(
+    db: Database,
+    task_id: int,
+    event: str,
+    expected: TaskStatus | None,
+    agent: str | None,
+    reason: str | None,
+    worker: str | None,
+    set_: Mapping[str, Any] | None,
+    guard: Mapping[str, Any] | None,
+    returning: Sequence[str],
+) -> TransitionResult:
+    with db.begin() as conn:
         from_status = expected
         if from_status is None:
             stored = conn.execute(
@@ -128,51 +279,40 @@ def apply_transition(
             if stored is None:
                 return TransitionResult(Outcome.NOT_FOUND, task_id, event)
             from_status = TaskStatus(stored)
-
-        to_status, changes = plan(from_status, event, agent=agent, reason=reason)
-        now = utcnow()
-        values: dict[str, Any] = {**changes, **(set_ or {}), "status": to_status, "updated_at": now}
+        to_status, values, now = _values(event, from_status, agent, reason, set_)
         guard = dict(guard or {})
-        audit = {
-            "event": event,
-            "from_status": from_status,
-            "to_status": to_status,
-            "agent": agent if agent is not None else values.get("assigned_agent"),
-            "detail": reason,
-            "worker": worker,
-            "at": now,
-        }
-        statements = _statements(
-            db.is_postgres,
+        increments = tuple(sorted(c for c, v in values.items() if v is INCREMENT))
+        values = {c: v for c, v in values.items() if v is not INCREMENT}
+        cas, insert = _statements(
             tuple(sorted(values)),
+            increments,
             tuple(sorted((k, v is None) for k, v in guard.items())),
             tuple(returning),
         )
-        params = {"task_id": task_id, "from_status": from_status}
+        event_agent = agent if agent is not None else values.get("assigned_agent")
+        params: dict[str, Any] = {"task_id": task_id, "from_status": from_status}
         params.update({f"v_{k}": v for k, v in values.items()})
         params.update({f"g_{k}": v for k, v in guard.items() if v is not None})
-        params.update({f"e_{k}": v for k, v in audit.items()})
-        found = conn.execute(statements[0], params).mappings().first()
-        row = dict(found) if found is not None else None
-        if row is not None:
-            audit["agent"] = audit["agent"] or row["assigned_agent"]
-            if len(statements) > 1:
-                params["e_agent"] = audit["agent"]
-                conn.execute(statements[1], params)
-
-    if row is None:
-        return TransitionResult(Outcome.STALE, task_id, event, from_status, to_status)
-    metrics.transition(event, audit["agent"])
-    log.info(
-        "task_transition",
-        task_id=task_id,
-        transition=event,
-        from_status=from_status.value,
-        to_status=to_status.value,
-        agent=audit["agent"],
-        detail=reason,
+        found = conn.execute(cas, params).mappings().first()
+        if found is None:
+            return TransitionResult(Outcome.STALE, task_id, event, from_status, to_status)
+        row = dict(found)
+        if event_agent is None:
+            event_agent = row["assigned_agent"]
+        audit = {
+            "task_id": task_id,
+            "e_event": event,
+            "e_from_status": from_status,
+            "e_to_status": to_status,
+            "e_agent": event_agent,
+            "e_detail": reason,
+            "e_worker": worker,
+            "e_at": now,
+        }
+        conn.execute(insert, audit)
+    return TransitionResult(
+        Outcome.APPLIED, task_id, event, from_status, to_status, row, event_agent
     )
-    return TransitionResult(Outcome.APPLIED, task_id, event, from_status, to_status, row)
 
 
 _AUDIT_COLUMNS = ("event", "from_status", "to_status", "agent", "detail", "worker", "at")
@@ -180,51 +320,38 @@ _AUDIT_COLUMNS = ("event", "from_status", "to_status", "agent", "detail", "worke
 
 @functools.lru_cache(maxsize=256)
 def _statements(
-    one_statement: bool,
     value_cols: tuple[str, ...],
+    increments: tuple[str, ...],
     guard_cols: tuple[tuple[str, bool], ...],
     returning: tuple[str, ...],
-) -> tuple[Executable, ...]:
-    """The compare-and-set and audit SQL for one shape of transition, built once.
+) -> tuple[Executable, Executable]:
+    """The compare-and-set and the audit insert of one shape of transition, built once.
 
     Plain SQL with typed bind parameters: building the same statement with Core on
     every call costs more than the round trip it makes.
     """
     t, ev = tasks_table.c, events_table.c
-    sets = ", ".join(f"{c} = :v_{c}" for c in value_cols)
+    sets = ", ".join([f"{c} = :v_{c}" for c in value_cols] + [f"{c} = {c} + 1" for c in increments])
     where = " AND ".join(
         ["id = :task_id", "status = :from_status"]
         + [f"{c} IS NULL" if is_null else f"{c} = :g_{c}" for c, is_null in guard_cols]
     )
-    ret = ", ".join(dict.fromkeys(["id", "assigned_agent", *returning]))
-    cas = f"UPDATE tasks SET {sets} WHERE {where} RETURNING {ret}"
-    audit_cols = ", ".join(_AUDIT_COLUMNS)
-    # The event names the task's agent unless the caller names one.
-    audit_vals = ", ".join(
-        "COALESCE(:e_agent, assigned_agent)" if c == "agent" else f":e_{c}" for c in _AUDIT_COLUMNS
-    )
-    binds = [
+    cols = list(dict.fromkeys(["id", "assigned_agent", *returning]))
+    cas = f"UPDATE tasks SET {sets} WHERE {where} RETURNING {', '.join(cols)}"
+    cas_binds = [
         bindparam("task_id", type_=t.id.type),
         bindparam("from_status", type_=t.status.type),
         *(bindparam(f"v_{c}", type_=t[c].type) for c in value_cols),
         *(bindparam(f"g_{c}", type_=t[c].type) for c, is_null in guard_cols if not is_null),
-        *(bindparam(f"e_{c}", type_=ev[c].type) for c in _AUDIT_COLUMNS),
     ]
-    result_cols = [t[c] for c in dict.fromkeys(["id", "assigned_agent", *returning])]
-    if one_statement:
-        sql = (
-            f"WITH changed AS ({cas}), audited AS ("
-            f"INSERT INTO task_events (task_id, {audit_cols}) SELECT id, {audit_vals} FROM changed"
-            f") SELECT {ret} FROM changed"
-        )
-        return (text(sql).bindparams(*binds).columns(*result_cols),)
     insert_sql = (
-        f"INSERT INTO task_events (task_id, {audit_cols}) "
+        f"INSERT INTO task_events (task_id, {', '.join(_AUDIT_COLUMNS)}) "
         f"VALUES (:task_id, {', '.join(f':e_{c}' for c in _AUDIT_COLUMNS)})"
     )
-    audit_binds = [b for b in binds if b.key == "task_id" or b.key.startswith("e_")]
-    cas_binds = [b for b in binds if not b.key.startswith("e_")]
+    audit_binds = [bindparam("task_id", type_=t.id.type)] + [
+        bindparam(f"e_{c}", type_=ev[c].type) for c in _AUDIT_COLUMNS
+    ]
     return (
-        text(cas).bindparams(*cas_binds).columns(*result_cols),
+        text(cas).bindparams(*cas_binds).columns(*(t[c] for c in cols)),
         text(insert_sql).bindparams(*audit_binds),
     )

@@ -27,6 +27,9 @@ def create_app() -> Celery:
             }
         },
     )
+    from workers.events import BatchedEvents
+
+    app.steps["consumer"].add(BatchedEvents)
     return app
 
 

@@ -520,7 +520,12 @@ def test_migration_keeps_the_status_check_and_idempotency_unique_on_postgres(
         inspector = sa_inspect(conn)
         checks = {c["name"] for c in inspector.get_check_constraints("tasks")}
         uniques = {tuple(u["column_names"]) for u in inspector.get_unique_constraints("tasks")}
-        indexes = {i["name"]: tuple(i["column_names"]) for i in inspector.get_indexes("tasks")}
+        indexes = {i["name"]: i for i in inspector.get_indexes("tasks")}
     assert "ck_tasks_status" in checks
     assert ("idempotency_key",) in uniques
-    assert indexes["ix_tasks_status_updated_at"] == ("status", "updated_at")
+    # The sweeper's index covers active tasks only; the full (status, updated_at)
+    # index is gone (migration 0003): every hop wrote to it.
+    active = indexes["ix_tasks_active_updated_at"]
+    assert active["column_names"] == ["updated_at"]
+    assert "in_progress" in active["dialect_options"]["postgresql_where"]
+    assert "ix_tasks_status_updated_at" not in indexes
