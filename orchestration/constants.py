@@ -54,6 +54,13 @@ DEFAULT_METRICS_HOST = "127.0.0.1"
 # Redis key prefixes (breaker state).
 BREAKER_KEY_PREFIX = "taskrail:breaker"
 
+# Pre-claimed executions (orchestration.leases.RunGuard): "N:run:<lease token>", set
+# once by the first execute hop that takes the lease, so a duplicate of its message
+# does not run the handler again. Kept for RUN_GUARD_TTL_FACTOR x the visibility
+# timeout: a redelivered message arrives within one.
+RUN_GUARD_KEY_SEGMENT = "run"
+RUN_GUARD_TTL_FACTOR = 2
+
 # Breakers (orchestration/breakers). With namespace N and breaker name B the keys are
 # "N:breaker:B" (hash: state, fail_count, epoch, opened_at_ms, next_trial_ms, fail_max,
 # reset_timeout_ms), "N:breaker-trial:B" (the half-open trial lease, SET NX PX) and

@@ -229,5 +229,3 @@ class Dispatcher:
             connection, self._connection, self._channel = self._connection, None, None
         if connection is not None:
             connection.release()
-
-

@@ -1,10 +1,19 @@
 """Execution leases: who runs a task's handler now, and until when.
 
-The ``execute`` hop claims a lease before it calls the handler: one statement that
-checks the task is in_progress, at the attempt the message names, and not leased by
-a live worker; it counts the attempt and returns what the handler needs. A claim
-that matches nothing means a duplicate or stale message, or a worker already on it.
-The sweeper re-drives a task whose lease expired (its worker died).
+A handler runs under a lease on its task (``lease_owner``, ``lease_expires_at``),
+renewed while it runs; the sweeper re-drives a task whose lease expired (its worker
+died). There are two ways to hold one:
+
+- **Pre-claimed** (the common case): the ``start`` transition, in its own statement,
+  counts the first attempt and leases it to a fresh token that travels in the execute
+  message (:class:`Lease`, with what the handler needs). The execute hop that takes
+  the message first, cluster-wide (:class:`RunGuard`, one Redis SET NX), runs the
+  handler without another database write; the final transition checks the token.
+- **Claimed** (retries, re-drives, stale or guard-less messages): :func:`claim`
+  checks the task is in_progress at the attempt the message names and not leased by
+  a live worker, counts the attempt and takes the lease in one statement;
+  :func:`adopt` takes over a pre-claim by its token. Matching nothing means a
+  duplicate or stale message, or a worker already on it.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import Executable, bindparam, func, literal, select, text, update
 
+from orchestration import constants as c
 from orchestration.db import Database
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, tasks_table, utcnow
@@ -62,6 +72,35 @@ def _claim_sql() -> Executable:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A pre-claimed execution, as the start hop hands it to the execute hop.
+
+    ``until`` is the lease's expiry (epoch seconds); ``client_id``, ``task_type`` and
+    ``payload`` are what the handler's task view needs, so the execute hop reads
+    nothing back.
+    """
+
+    token: str
+    until: float
+    client_id: int
+    task_type: str
+    payload: dict[str, Any]
+
+    def to_message(self) -> dict[str, Any]:
+        return {
+            "token": self.token,
+            "until": self.until,
+            "client_id": self.client_id,
+            "task_type": self.task_type,
+            "payload": self.payload,
+        }
+
+    def fresh(self, ttl_s: float, now: float) -> bool:
+        """At least half the TTL left: the lease keeper renews it well before it lapses."""
+        return self.until - now >= ttl_s / 2
+
+
 def claim(db: Database, task_id: int, attempts: int, token: str, ttl_s: float) -> Claim | None:
     """Claim the handler run of ``task_id`` after ``attempts`` earlier attempts."""
     now = utcnow()
@@ -86,6 +125,95 @@ def claim(db: Database, task_id: int, attempts: int, token: str, ttl_s: float) -
         payload=row["payload"] or {},
         agent=row["assigned_agent"],
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _adopt_sql() -> Executable:
+    t = tasks_table.c
+    return (
+        text(
+            "UPDATE tasks SET lease_owner = :token, lease_expires_at = :expires, "
+            "updated_at = :now "
+            "WHERE id = :task_id AND status = :status AND attempts = :attempt "
+            "AND lease_owner = :prior "
+            "RETURNING id, attempts, client_id, task_type, payload, assigned_agent"
+        )
+        .bindparams(
+            bindparam("token", type_=t.lease_owner.type),
+            bindparam("expires", type_=t.lease_expires_at.type),
+            bindparam("now", type_=t.updated_at.type),
+            bindparam("task_id", type_=t.id.type),
+            bindparam("status", type_=t.status.type),
+            bindparam("attempt", type_=t.attempts.type),
+            bindparam("prior", type_=t.lease_owner.type),
+        )
+        .columns(t.id, t.attempts, t.client_id, t.task_type, t.payload, t.assigned_agent)
+    )
+
+
+def adopt(
+    db: Database, task_id: int, attempt: int, prior: str, token: str, ttl_s: float
+) -> Claim | None:
+    """Take over the pre-claim ``prior`` of ``attempt`` as ``token`` (may be the same).
+
+    With a new token, of several copies of one message exactly one gets the lease.
+    None when the task moved on or another worker took the lease.
+    """
+    now = utcnow()
+    params = {
+        "token": token,
+        "expires": now + timedelta(seconds=ttl_s),
+        "now": now,
+        "task_id": task_id,
+        "status": TaskStatus.IN_PROGRESS,
+        "attempt": attempt,
+        "prior": prior,
+    }
+    with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
+        row = conn.execute(_adopt_sql(), params).mappings().first()
+    if row is None:
+        return None
+    return Claim(
+        task_id=task_id,
+        token=token,
+        attempt=row["attempts"],
+        client_id=row["client_id"],
+        task_type=row["task_type"],
+        payload=row["payload"] or {},
+        agent=row["assigned_agent"],
+    )
+
+
+class RunGuard:
+    """Which pre-claimed executions have started, cluster-wide: one Redis SET NX each.
+
+    :meth:`first` answers True once per token and False for every later copy of the
+    same message; None when there is no shared Redis or it cannot be reached (the
+    caller then lets the database decide, with :func:`adopt` and a new token).
+    """
+
+    def __init__(self, redis_url: str | None, namespace: str, ttl_s: float) -> None:
+        self.namespace = namespace
+        self.ttl_ms = int(ttl_s * 1000)
+        self._client: Any = None
+        if redis_url is not None:
+            import redis
+
+            self._client = redis.Redis.from_url(
+                redis_url,
+                socket_timeout=c.BREAKER_REDIS_SOCKET_TIMEOUT_S,
+                socket_connect_timeout=c.BREAKER_REDIS_CONNECT_TIMEOUT_S,
+            )
+
+    def first(self, token: str) -> bool | None:
+        if self._client is None:
+            return None
+        key = f"{self.namespace}:{c.RUN_GUARD_KEY_SEGMENT}:{token}"
+        try:
+            return bool(self._client.set(key, b"1", nx=True, px=self.ttl_ms))
+        except Exception as err:  # Redis down: the database decides instead
+            log.warning("run_guard_unavailable", error=str(err))
+            return None
 
 
 def renew(db: Database, task_id: int, token: str, ttl_s: float) -> bool:
@@ -213,30 +341,35 @@ class LeaseKeeper:
                 log.warning("lease_renewal_failed", error=str(err))
 
 
-def defer(db: Database, task_id: int, attempts: int, retry_at: Any) -> Any | None:
+def defer(
+    db: Database, task_id: int, attempts: int, retry_at: Any, *, token: str | None = None
+) -> Any | None:
     """Record that the next attempt waits until ``retry_at`` (an open breaker).
 
-    Consumes no attempt and changes no status. Returns since when the task has been
-    deferred (the first deferral's time), or None when the task moved on meanwhile.
+    Consumes no attempt and changes no status; a pre-claim (``token``) is given back
+    with its attempt. Returns since when the task has been deferred (the first
+    deferral's time), or None when the task moved on meanwhile.
     """
     now = utcnow()
     t = tasks_table
+    values: dict[str, Any] = {
+        "not_before": retry_at,
+        "deferred_since": func.coalesce(t.c.deferred_since, literal(now, t.c.deferred_since.type)),
+        "updated_at": now,
+    }
+    if token is None:
+        where = [
+            t.c.attempts == attempts,
+            (t.c.lease_expires_at.is_(None)) | (t.c.lease_expires_at < now),
+        ]
+    else:
+        where = [t.c.attempts == attempts + 1, t.c.lease_owner == token]
+        values.update(attempts=t.c.attempts - 1, lease_owner=None, lease_expires_at=None)
     with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
         row = conn.execute(
             update(t)
-            .where(
-                t.c.id == task_id,
-                t.c.status == TaskStatus.IN_PROGRESS,
-                t.c.attempts == attempts,
-                (t.c.lease_expires_at.is_(None)) | (t.c.lease_expires_at < now),
-            )
-            .values(
-                not_before=retry_at,
-                deferred_since=func.coalesce(
-                    t.c.deferred_since, literal(now, t.c.deferred_since.type)
-                ),
-                updated_at=now,
-            )
+            .where(t.c.id == task_id, t.c.status == TaskStatus.IN_PROGRESS, *where)
+            .values(values)
             .returning(t.c.deferred_since)
         ).first()
     return row[0] if row is not None else None

@@ -66,16 +66,65 @@ def explain_stale(rt: Runtime, task_id: int, expected: str) -> None:
         )
 
 
+def new_token(rt: Runtime) -> str:
+    """A lease token: this worker and a random part (one per execution)."""
+    return f"{rt.worker}/{uuid.uuid4().hex[:12]}"
+
+
 def send_execute(
-    rt: Runtime, task_id: int, attempts: int, agent: str | None, countdown: float | None = None
+    rt: Runtime,
+    task_id: int,
+    attempts: int,
+    agent: str | None,
+    countdown: float | None = None,
+    lease: leases.Lease | None = None,
 ) -> None:
-    """Send the execute hop for the attempt after ``attempts``, with the agent's time limits."""
+    """Send the execute hop for the attempt after ``attempts``, with the agent's time limits.
+
+    With a ``lease`` the attempt is pre-claimed (the start hop did it in its statement).
+    """
     spec = registry.find(agent) if agent else None
     limits = spec.time_limits() if spec is not None else {}
-    rt.dispatcher.send(c.HOP_EXECUTE, [task_id, attempts, agent], countdown=countdown, **limits)
+    args: list[Any] = [task_id, attempts, agent]
+    if lease is not None:
+        args.append(lease.to_message())
+    rt.dispatcher.send(c.HOP_EXECUTE, args, countdown=countdown, **limits)
 
 
-def execute(rt: Runtime, task_id: int, attempts: int, agent: str | None) -> None:
+def take_lease(
+    rt: Runtime, task_id: int, attempts: int, agent: str | None, lease: leases.Lease | None
+) -> leases.Claim | None:
+    """The lease for attempt ``attempts + 1``: the pre-claim if this copy of the message
+    is the first to run it and still fresh (no database write), else a claim."""
+    ttl_s = rt.settings.lease_ttl_s
+    if lease is None:
+        return leases.claim(rt.db, task_id, attempts, new_token(rt), ttl_s)
+    first = rt.run_guard.first(lease.token)
+    if first is False:
+        log.info("hop_skipped", task_id=task_id, reason="duplicate message: already run")
+        return None
+    if first and lease.fresh(ttl_s, time.time()):
+        return leases.Claim(
+            task_id=task_id,
+            token=lease.token,
+            attempt=attempts + 1,
+            client_id=lease.client_id,
+            task_type=lease.task_type,
+            payload=lease.payload,
+            agent=agent,
+        )
+    # Stale, or no shared guard: the database decides (a new token lets one copy win).
+    token = lease.token if first else new_token(rt)
+    return leases.adopt(rt.db, task_id, attempts + 1, lease.token, token, ttl_s)
+
+
+def execute(
+    rt: Runtime,
+    task_id: int,
+    attempts: int,
+    agent: str | None,
+    lease: leases.Lease | None = None,
+) -> None:
     """Run attempt ``attempts + 1`` of ``task_id``'s handler, if nothing else has."""
     spec = registry.find(agent) if agent else None
     breaker: SharedBreaker | None = rt.breaker_for(spec) if spec else None
@@ -84,15 +133,16 @@ def execute(rt: Runtime, task_id: int, attempts: int, agent: str | None) -> None
         try:
             permit = breaker.before_call()
         except BreakerOpen as refused:
-            defer(rt, task_id, attempts, spec, refused)
+            defer(rt, task_id, attempts, spec, refused, lease)
             return
-    token = f"{rt.worker}/{uuid.uuid4().hex[:12]}"
-    claimed = leases.claim(rt.db, task_id, attempts, token, rt.settings.lease_ttl_s)
+    claimed = take_lease(rt, task_id, attempts, agent, lease)
     if claimed is None:
         if breaker is not None and permit is not None:
             breaker.abandon(permit)
-        explain_stale(rt, task_id, f"in_progress at attempt {attempts + 1}, not leased")
+        if lease is None:
+            explain_stale(rt, task_id, f"in_progress at attempt {attempts + 1}, not leased")
         return
+    token = claimed.token
     structlog.contextvars.bind_contextvars(agent=claimed.agent, attempt=claimed.attempt)
     if spec is None or spec.name != claimed.agent:
         # The message named no agent (or another one): the task's own agent decides.
@@ -107,7 +157,7 @@ def execute(rt: Runtime, task_id: int, attempts: int, agent: str | None) -> None
             permit = breaker.before_call()
         except BreakerOpen:
             leases.release(rt.db, task_id, token, utcnow(), attempt_used=False, end_deferral=False)
-            send_execute(rt, task_id, attempts, spec.name)
+            send_execute(rt, task_id, claimed.attempt - 1, spec.name)
             return
     assert breaker is not None and permit is not None
     run_claimed(rt, spec, breaker, permit, claimed)
@@ -236,11 +286,30 @@ def transient(
     send_execute(rt, claimed.task_id, claimed.attempt, claimed.agent, countdown=delay)
 
 
-def defer(rt: Runtime, task_id: int, attempts: int, spec: AgentSpec, refused: BreakerOpen) -> None:
-    """The agent's breaker is open: wait for its next trial without using an attempt."""
+def defer(
+    rt: Runtime,
+    task_id: int,
+    attempts: int,
+    spec: AgentSpec,
+    refused: BreakerOpen,
+    lease: leases.Lease | None = None,
+) -> None:
+    """The agent's breaker is open: wait for its next trial without using an attempt.
+
+    A pre-claimed attempt is given back; the deferred message claims it later.
+    """
+    if lease is not None and rt.run_guard.first(lease.token) is False:
+        log.info("hop_skipped", task_id=task_id, reason="duplicate message: already run")
+        return
     now = utcnow()
     delay = min(max(refused.remaining_s, 0.2), c.MAX_DEFER_COUNTDOWN_S) * random.uniform(1.0, 1.2)
-    since = leases.defer(rt.db, task_id, attempts, now + timedelta(seconds=delay))
+    since = leases.defer(
+        rt.db,
+        task_id,
+        attempts,
+        now + timedelta(seconds=delay),
+        token=lease.token if lease is not None else None,
+    )
     if since is None:
         explain_stale(rt, task_id, f"in_progress at attempt {attempts + 1}, not leased")
         return

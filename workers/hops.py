@@ -3,8 +3,10 @@
 ::
 
     taskrail.assign(task_id, task_type)   pending -> assigned      then start
-    taskrail.start(task_id)               assigned -> in_progress  then execute
-    taskrail.execute(task_id, attempts)   in_progress -> completed | failed | escalated,
+    taskrail.start(task_id)               assigned -> in_progress  then execute, with
+                                          the first attempt pre-claimed
+    taskrail.execute(task_id, attempts, agent[, lease])
+                                          in_progress -> completed | failed | escalated,
                                           or another attempt later
 
 Each hop follows DESIGN.md "One hop": a message for a task that is not in the state
@@ -21,6 +23,7 @@ import itertools
 import random
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -30,9 +33,10 @@ from orchestration import constants as c
 from orchestration import metrics
 from orchestration.agents import AgentSpec, registry
 from orchestration.errors import InfrastructureError, UnknownTaskType
+from orchestration.leases import Lease
 from orchestration.logging import get_logger
-from orchestration.models import TaskStatus
-from orchestration.transitions import Outcome, apply_transition
+from orchestration.models import TaskStatus, utcnow
+from orchestration.transitions import INCREMENT, Outcome, apply_transition
 from workers import execution, messages
 from workers.celery_app import app
 from workers.runtime import Runtime, runtime
@@ -126,29 +130,36 @@ def start(self: Task, *args: Any, **kwargs: Any) -> None:
         (raw_id,) = messages.parse("start", args, kwargs, ("task_id",), 1)
         task_id = messages.task_id("start", raw_id)
         structlog.contextvars.bind_contextvars(task_id=task_id)
+        # The same statement pre-claims the first attempt for the execute hop.
+        token = execution.new_token(rt)
+        until = utcnow() + timedelta(seconds=rt.settings.lease_ttl_s)
         result = apply_transition(
             rt.db,
             task_id,
             "start",
             expected=TaskStatus.ASSIGNED,
             worker=rt.worker,
-            returning=("attempts", "assigned_agent"),
+            set_={"lease_owner": token, "lease_expires_at": until, "attempts": INCREMENT},
+            returning=("attempts", "assigned_agent", "client_id", "task_type", "payload"),
         )
         if result.outcome is not Outcome.APPLIED:
             execution.explain_stale(rt, task_id, "assigned")
             return
-        execution.send_execute(rt, task_id, result.row["attempts"], result.row["assigned_agent"])
+        row = result.row
+        lease = Lease(token, until.timestamp(), row["client_id"], row["task_type"], row["payload"])
+        execution.send_execute(rt, task_id, row["attempts"] - 1, row["assigned_agent"], lease=lease)
 
 
 @app.task(name=c.HOP_EXECUTE, base=HopTask, bind=True)
 def execute(self: Task, *args: Any, **kwargs: Any) -> None:
     """Call the agent's handler through its breaker, under a lease (workers.execution)."""
     with hop_scope(self, "execute") as rt:
-        raw_id, raw_attempts, raw_agent = messages.parse(
-            "execute", args, kwargs, ("task_id", "attempts", "agent"), 2
+        raw_id, raw_attempts, raw_agent, raw_lease = messages.parse(
+            "execute", args, kwargs, ("task_id", "attempts", "agent", "lease"), 2
         )
         task_id = messages.task_id("execute", raw_id)
         attempts = messages.attempts("execute", raw_attempts)
         agent = messages.agent_name("execute", raw_agent)
+        lease = messages.lease("execute", raw_lease)
         structlog.contextvars.bind_contextvars(task_id=task_id, agent=agent)
-        execution.execute(rt, task_id, attempts, agent)
+        execution.execute(rt, task_id, attempts, agent, lease)

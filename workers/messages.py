@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from orchestration.errors import InputError
+from orchestration.leases import Lease
 
 
 class MalformedMessage(InputError):
@@ -61,3 +62,26 @@ def agent_name(hop: str, value: Any) -> str | None:
     if not isinstance(value, str) or not value or len(value) > 128:
         raise MalformedMessage(hop, f"agent must be a short string, got {value!r}")
     return value
+
+
+def lease(hop: str, value: Any) -> Lease | None:
+    """The pre-claim an execute message may carry (:meth:`Lease.to_message`)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise MalformedMessage(hop, f"lease must be an object, got {type(value).__name__}")
+    token, until = value.get("token"), value.get("until")
+    if not isinstance(token, str) or not token or len(token) > 255:
+        raise MalformedMessage(hop, f"lease token must be a short string, got {token!r}")
+    if isinstance(until, bool) or not isinstance(until, int | float):
+        raise MalformedMessage(hop, f"lease until must be a number, got {until!r}")
+    payload = value.get("payload")
+    if not isinstance(payload, dict):
+        raise MalformedMessage(hop, "lease payload must be an object")
+    return Lease(
+        token=token,
+        until=float(until),
+        client_id=_int(hop, "client_id", value.get("client_id")),
+        task_type=task_type(hop, value.get("task_type")),
+        payload=payload,
+    )

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 from celery import Celery, signals
 
+from orchestration import constants as c
 from orchestration import metrics
 from orchestration.agents import AgentSpec, Escalate, PermanentError, load_agent_modules
 from orchestration.breakers import BreakerBoard, SharedBreaker
 from orchestration.db import Database
 from orchestration.dispatch import Dispatcher
-from orchestration.leases import LeaseKeeper
+from orchestration.leases import LeaseKeeper, RunGuard
 from orchestration.settings import Settings, get_settings
 
 
@@ -30,6 +31,7 @@ class Runtime:
     worker: str  # host:pid, recorded on every event this process writes
     leases: LeaseKeeper
     breakers: BreakerBoard
+    run_guard: RunGuard
 
     def breaker_for(self, spec: AgentSpec) -> SharedBreaker:
         """The shared breaker guarding calls to ``spec``'s handler."""
@@ -67,6 +69,11 @@ def runtime(app: Celery) -> Runtime:
                     settings.redis_url,
                     namespace=settings.breaker_namespace,
                     on_state_change=lambda change: metrics.breaker_changed(change.name, change.new),
+                ),
+                run_guard=RunGuard(
+                    settings.redis_url,
+                    settings.breaker_namespace,
+                    ttl_s=settings.visibility_timeout_s * c.RUN_GUARD_TTL_FACTOR,
                 ),
             )
             _pid = os.getpid()
