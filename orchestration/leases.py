@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Executable, bindparam, func, literal, select, text, update
@@ -34,6 +35,9 @@ from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, tasks_table, utcnow
 
 log = get_logger("taskrail.leases")
+
+# A held lease is renewed when this share of its TTL is left.
+RENEW_MARGIN_FRACTION = 1 / 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +51,7 @@ class Claim:
     task_type: str
     payload: dict[str, Any]
     agent: str | None
+    expires_at: float | None = None  # epoch seconds; None: a full TTL from the claim
 
 
 @functools.lru_cache(maxsize=1)
@@ -97,8 +102,8 @@ class Lease:
         }
 
     def fresh(self, ttl_s: float, now: float) -> bool:
-        """At least half the TTL left: the lease keeper renews it well before it lapses."""
-        return self.until - now >= ttl_s / 2
+        """More than the lease keeper's renewal margin left (it renews before it lapses)."""
+        return self.until - now > ttl_s * RENEW_MARGIN_FRACTION + 1.0
 
 
 def claim(db: Database, task_id: int, attempts: int, token: str, ttl_s: float) -> Claim | None:
@@ -288,57 +293,95 @@ def describe(db: Database, task_id: int) -> dict[str, Any] | None:
 class LeaseKeeper:
     """Renews the leases of the handlers running in this process.
 
-    One background thread per process renews every held lease in a single statement
-    every ``ttl_s / 3``; a handler shorter than that costs no renewal at all. When the
-    process dies the renewals stop, the leases expire and the sweeper re-drives.
+    One background thread per process renews a held lease when a third of its TTL is
+    left, all leases due together in a single statement; a handler that ends before
+    that costs no renewal at all. When the process dies the renewals stop, the leases
+    expire and the sweeper re-drives.
     """
 
     def __init__(self, db: Database, ttl_s: float) -> None:
         self.db = db
         self.ttl_s = ttl_s
-        self._held: dict[str, int] = {}
+        self.margin_s = ttl_s * RENEW_MARGIN_FRACTION
+        self._held: dict[str, tuple[int, float]] = {}  # token -> (task_id, expires epoch s)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
-    def hold(self, task_id: int, token: str) -> Iterator[None]:
-        """Keep the lease ``token`` on ``task_id`` alive while the block runs."""
+    def hold(self, task_id: int, token: str, expires_at: float | None = None) -> Iterator[None]:
+        """Keep the lease ``token`` on ``task_id`` alive while the block runs.
+
+        ``expires_at`` (epoch seconds) is when the lease lapses now; by default a full
+        TTL from now (a lease just claimed). A nested hold of the same token keeps the
+        outer one's record.
+        """
+        expires = time.time() + self.ttl_s if expires_at is None else expires_at
         with self._lock:
-            self._held[token] = task_id
+            nested = token in self._held
+            if not nested:
+                self._held[token] = (task_id, expires)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
                     target=self._run, name="taskrail-lease-keeper", daemon=True
                 )
                 self._thread.start()
+        self._wake.set()  # the keeper recomputes when it must wake up next
         try:
             yield
         finally:
-            with self._lock:
-                self._held.pop(token, None)
+            if not nested:
+                with self._lock:
+                    self._held.pop(token, None)
 
-    def renew_all(self) -> int:
-        """Renew every held lease now; returns how many rows were extended."""
+    def renew_due(self, *, everything: bool = False) -> int:
+        """Renew the held leases with a third of their TTL or less left (or all of them).
+
+        Returns how many rows were extended.
+        """
+        now = time.time()
         with self._lock:
-            tokens = list(self._held)
+            tokens = [
+                token
+                for token, (_, expires) in self._held.items()
+                if everything or expires - now <= self.margin_s
+            ]
         if not tokens:
             return 0
         t = tasks_table
+        until = now + self.ttl_s
         with self.db.connect(autocommit=True) if self.db.is_postgres else self.db.begin() as conn:
             result = conn.execute(
                 update(t)
                 .where(t.c.lease_owner.in_(tokens))
-                .values(lease_expires_at=utcnow() + timedelta(seconds=self.ttl_s))
+                .values(lease_expires_at=datetime.fromtimestamp(until, UTC))
             )
+        with self._lock:
+            for token in tokens:
+                if token in self._held:
+                    self._held[token] = (self._held[token][0], until)
         return result.rowcount
+
+    def renew_all(self) -> int:
+        """Renew every held lease now; returns how many rows were extended."""
+        return self.renew_due(everything=True)
+
+    def _next_due_s(self) -> float:
+        with self._lock:
+            earliest = min((expires for _, expires in self._held.values()), default=None)
+        if earliest is None:
+            return self.ttl_s
+        return max(0.0, earliest - self.margin_s - time.time())
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.ttl_s / 3)
+            self._wake.wait(self._next_due_s())
+            self._wake.clear()
             try:
-                self.renew_all()
+                self.renew_due()
             except Exception as err:  # keep renewing; the next pass may work
                 log.warning("lease_renewal_failed", error=str(err))
+                time.sleep(min(1.0, self.margin_s / 4))
 
 
 def defer(

@@ -10,9 +10,10 @@ things differ, each measured on the hop path (docs/performance.md):
   and every acknowledgement; with redis-py 8 that costs about as much as the command
   it serves. Here each channel keeps one (redis-py clients are thread-safe).
 - **Batched fetch.** When BRPOP hands over a message, one Lua call records it as
-  unacknowledged and pops up to the rest of the prefetch window from the same queues,
-  recording each one too, before any of them runs. kombu needs two round trips per
-  message (BRPOP, then the unacked bookkeeping).
+  unacknowledged and pops up to the rest of the prefetch window from the consumed
+  queues, one from each in turn, recording each one too, before any of them runs.
+  kombu needs two round trips per message (BRPOP, then the unacked bookkeeping).
+  Message priorities are not looked at within a batch (taskrail sends none).
 - **Batched acknowledgements.** In a worker (the transport runs in an event loop),
   acknowledgements are collected and sent in one pipeline at the next turn of the
   loop, before it waits for more messages; elsewhere each is sent at once. The
@@ -48,7 +49,7 @@ SCHEMES = ("redis:", "rediss:")
 MAX_PENDING_ACKS = 256
 
 # Records one message already popped (ARGV[3], ARGV[4]) as unacknowledged, then pops
-# up to ARGV[1] more from the queue keys (KEYS[3..], highest priority first), recording
+# up to ARGV[1] more from the queue keys (KEYS[3..]), one from each in turn, recording
 # each as kombu does: unacked[tag] = [message, exchange, routing_key], unacked_index[tag]
 # = now. A message it cannot read is returned unrecorded (flag 0) for Python to handle.
 # Returns key, message, recorded flag, ... for the popped messages.
@@ -60,27 +61,36 @@ if ARGV[3] ~= '' then
 end
 local want = tonumber(ARGV[1])
 local out = {}
-for i = 3, #KEYS do
-  while want > 0 do
-    local item = redis.call('RPOP', KEYS[i])
-    if not item then break end
-    want = want - 1
-    local ok, msg = pcall(cjson.decode, item)
-    local props = ok and type(msg) == 'table' and msg['properties']
-    local tag = type(props) == 'table' and props['delivery_tag']
-    if type(tag) == 'string' then
-      local info = type(props['delivery_info']) == 'table' and props['delivery_info'] or {}
-      local ex = type(info['exchange']) == 'string' and info['exchange'] or ''
-      local rk = type(info['routing_key']) == 'string' and info['routing_key'] or ''
-      redis.call('ZADD', KEYS[2], now, tag)
-      redis.call('HSET', KEYS[1], tag,
-        '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
-      out[#out + 1] = KEYS[i]; out[#out + 1] = item; out[#out + 1] = 1
-    else
-      out[#out + 1] = KEYS[i]; out[#out + 1] = item; out[#out + 1] = 0
+local empty = {}
+local live = #KEYS - 2
+while want > 0 and live > 0 do
+  for i = 3, #KEYS do
+    if want <= 0 then break end
+    if not empty[i] then
+      local item = redis.call('RPOP', KEYS[i])
+      if not item then
+        empty[i] = true
+        live = live - 1
+      else
+        want = want - 1
+        local ok, msg = pcall(cjson.decode, item)
+        local props = ok and type(msg) == 'table' and msg['properties']
+        local tag = type(props) == 'table' and props['delivery_tag']
+        local flag = 0
+        if type(tag) == 'string' then
+          local info = props['delivery_info']
+          if type(info) ~= 'table' then info = {} end
+          local ex = type(info['exchange']) == 'string' and info['exchange'] or ''
+          local rk = type(info['routing_key']) == 'string' and info['routing_key'] or ''
+          redis.call('ZADD', KEYS[2], now, tag)
+          redis.call('HSET', KEYS[1], tag,
+            '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
+          flag = 1
+        end
+        out[#out + 1] = KEYS[i]; out[#out + 1] = item; out[#out + 1] = flag
+      end
     end
   end
-  if want <= 0 then break end
 end
 return out
 """
@@ -179,7 +189,8 @@ class Channel(kombu_redis.Channel):
         tag, value = self._brpop_message
         room = self.qos.can_consume_max_estimate()
         want = 100 if room is None else max(0, room - 1)
-        queues = self.active_queues
+        # The order BRPOP uses next: the queue just read from comes last (round robin).
+        queues = self._queue_cycle.consume(len(self.active_queues))
         keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         raw = self._raw()
         reply = self._fetch_script(

@@ -112,6 +112,7 @@ def take_lease(
             task_type=lease.task_type,
             payload=lease.payload,
             agent=agent,
+            expires_at=lease.until,
         )
     # Stale, or no shared guard: the database decides (a new token lets one copy win).
     token = lease.token if first else new_token(rt)
@@ -182,7 +183,7 @@ def run_claimed(
         claimed.task_id, claimed.client_id, claimed.task_type, claimed.payload, claimed.attempt
     )
     try:
-        with rt.leases.hold(claimed.task_id, claimed.token):
+        with rt.leases.hold(claimed.task_id, claimed.token, claimed.expires_at):
             result = spec.handler(view)
     except BaseException as err:
         # The breaker judges: Escalate and PermanentError are business outcomes, not
