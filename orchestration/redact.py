@@ -18,6 +18,8 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str) -> str:
     """``text`` with the password of every URL in it masked."""
+    if "://" not in text:  # no URL, nothing to mask (most log fields)
+        return text
     return _URL_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
 
 

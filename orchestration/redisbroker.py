@@ -20,6 +20,13 @@ things differ, each measured on the hop path (docs/performance.md):
   prefetch window opens at once either way. A worker that dies before that pipeline
   leaves those messages unacknowledged: they come back after the visibility timeout
   and, hops being idempotent, do nothing.
+- **Publishes join that pipeline.** A hop run by the event loop's own thread (a
+  ``solo`` worker) pushes its next hop message with :meth:`Channel.push`, which holds
+  it until the same turn of the loop and sends it just before the acknowledgements:
+  after the hop's commit, before its ack, one round trip for the whole batch. A
+  worker that dies in between loses those messages like a crash between a hop's
+  commit and its send: the sweeper re-drives the tasks. Other threads and processes
+  push at once.
 
 Select it with Celery's ``broker_transport`` (``orchestration.dispatch`` does for
 ``redis://`` and ``rediss://`` URLs).
@@ -28,6 +35,8 @@ Select it with Celery's ``broker_transport`` (``orchestration.dispatch`` does fo
 from __future__ import annotations
 
 import contextlib
+import os
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -96,6 +105,26 @@ return out
 """
 
 
+# The worker's event loop, as (pid, thread): pushes made on it wait for its next turn.
+_loop_owner: tuple[int, int] | None = None
+# Channels holding pushes for the loop's next turn.
+_deferred: set[Channel] = set()
+
+
+def _on_loop_thread() -> bool:
+    return _loop_owner is not None and _loop_owner == (os.getpid(), threading.get_ident())
+
+
+def flush_deferred_pushes() -> None:
+    """Send every push held for the loop's next turn (the loop's flusher calls this)."""
+    while _deferred:
+        channel = _deferred.pop()
+        try:
+            channel.flush_pushes()
+        except (OSError, *channel.connection_errors) as err:
+            log.warning("broker_publish_lost", error=str(err), note="the sweeper re-drives")
+
+
 class QoS(kombu_redis.QoS):
     """kombu's ack emulation, with the fetch and the acks of a batch done together."""
 
@@ -125,6 +154,7 @@ class QoS(kombu_redis.QoS):
             channel._pending_acks.append(delivery_tag)
             virtual.QoS.ack(self, delivery_tag)
             if len(channel._pending_acks) >= MAX_PENDING_ACKS:
+                flush_deferred_pushes()
                 channel.flush_acks()
             return
         with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
@@ -144,6 +174,7 @@ class Channel(kombu_redis.Channel):
         self._fetched: list[tuple[str, Any, bool]] = []
         self._brpop_message: tuple[str, str] | None = None
         self._reading = False
+        self._pending_pushes: list[tuple[str, str]] = []
         super().__init__(*args, **kwargs)
 
     # -- clients ------------------------------------------------------------------
@@ -242,6 +273,10 @@ class Channel(kombu_redis.Channel):
         machinery; several messages go in one pipeline. Raises the channel's
         connection errors.
         """
+        if _on_loop_thread():
+            self._pending_pushes += [(self._key(q), dumps(m)) for q, m in messages]
+            _deferred.add(self)
+            return
         raw = self._raw()
         if len(messages) == 1:
             queue, message = messages[0]
@@ -250,6 +285,16 @@ class Channel(kombu_redis.Channel):
         pipe = raw.pipeline(transaction=False)
         for queue, message in messages:
             pipe.lpush(self._key(queue), dumps(message))
+        pipe.execute()
+
+    def flush_pushes(self) -> None:
+        """Send the pushes held for the loop's next turn, in one pipeline, in order."""
+        pending, self._pending_pushes = self._pending_pushes, []
+        if not pending:
+            return
+        pipe = self._raw().pipeline(transaction=False)
+        for key, payload in pending:
+            pipe.lpush(key, payload)
         pipe.execute()
 
     # -- batched acks -------------------------------------------------------------
@@ -270,7 +315,10 @@ class Channel(kombu_redis.Channel):
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
+            self.flush_pushes()
+        with contextlib.suppress(Exception):
             self.flush_acks()
+        _deferred.discard(self)
         super().close()
 
 
@@ -281,8 +329,10 @@ class Transport(kombu_redis.Transport):
     in_event_loop = False
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        global _loop_owner
         super().register_with_event_loop(connection, loop)
         self.in_event_loop = True
+        _loop_owner = (os.getpid(), threading.get_ident())
         # One flusher per loop: a reconnect's new transport replaces the old one's.
         for callback in [cb for cb in loop.on_tick if isinstance(cb, _AckFlusher)]:
             loop.on_tick.discard(callback)
@@ -307,6 +357,7 @@ class _AckFlusher:
         self.transport = transport
 
     def __call__(self) -> None:
+        flush_deferred_pushes()  # published before the acks of the hops that sent them
         self.transport.flush_acks()
 
 

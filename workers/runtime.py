@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from celery import Celery, signals
 
 from orchestration import constants as c
-from orchestration import metrics
+from orchestration import metrics, redisbroker
 from orchestration.agents import AgentSpec, Escalate, PermanentError, load_agent_modules
 from orchestration.breakers import BreakerBoard, SharedBreaker
 from orchestration.db import Database
@@ -85,6 +85,12 @@ def _forget_parent_runtime(**_: object) -> None:
     # A forked child must not reuse its parent's pooled connections.
     global _runtime, _pid
     _runtime, _pid = None, None
+
+
+@signals.worker_shutdown.connect
+def _flush_held_pushes(**_: object) -> None:
+    # Hop messages held for a loop turn that will not come (orchestration.redisbroker).
+    redisbroker.flush_deferred_pushes()
 
 
 @signals.worker_init.connect

@@ -277,6 +277,38 @@ def test_store_keeps_working_after_refusals_and_final_states(db: Database) -> No
     assert len(task_events(db)) == 3
 
 
+def test_plan_after_final_states_answers_like_a_fresh_machine() -> None:
+    """plan() reuses its thread's machine even after a final state (transitions._resume):
+    every pair, each right after a transition into completed or escalated, gets the
+    fresh machine's answer."""
+    from orchestration.transitions import plan
+    from tests.orchestration.test_state_machine_exhaustive import ALL_PAIRS, ALLOWED
+
+    for status, event in ALL_PAIRS * 2:
+        plan(S.IN_PROGRESS, "complete")
+        plan(S.ASSIGNED, "escalate", reason="x")
+        if (status, event) in ALLOWED:
+            to_status, _ = plan(status, event, agent="a")
+            assert to_status == ALLOWED[(status, event)]
+        else:
+            with pytest.raises(TransitionNotAllowed):
+                plan(status, event, agent="a")
+
+
+def test_plan_builds_a_new_machine_when_it_cannot_resume_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from orchestration import transitions
+
+    def cannot_resume(sm: Any) -> None:
+        transitions._local.pair = None
+
+    monkeypatch.setattr(transitions, "_resume", cannot_resume)
+    for _ in range(3):
+        assert transitions.plan(S.IN_PROGRESS, "complete")[0] == S.COMPLETED
+        assert transitions.plan(S.PENDING, "assign", agent="a")[0] == S.ASSIGNED
+
+
 # -- guard, set_, returning ------------------------------------------------------------
 
 
