@@ -59,6 +59,9 @@ BREAKER_KEY_PREFIX = "taskrail:breaker"
 # does not run the handler again. Kept for RUN_GUARD_TTL_FACTOR x the visibility
 # timeout: a redelivered message arrives within one.
 RUN_GUARD_KEY_SEGMENT = "run"
+# The same guarantee kept by taskrail's Redis transport on the broker itself: a message
+# with a once-token header is delivered once, "<broker key prefix>taskrail:once:<token>".
+ONCE_KEY_PREFIX = "taskrail:once:"
 RUN_GUARD_TTL_FACTOR = 2
 
 # Breakers (orchestration/breakers). With namespace N and breaker name B the keys are

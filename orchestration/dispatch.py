@@ -110,7 +110,7 @@ _BROKER_ERRORS: tuple[type[BaseException], ...] = (
     redis.exceptions.TimeoutError,
 )
 # Options the direct Redis path understands; anything else goes through send_task.
-_DIRECT_OPTIONS = frozenset({"time_limit", "soft_time_limit"})
+_DIRECT_OPTIONS = frozenset({"time_limit", "soft_time_limit", "headers"})
 PUBLISH_BATCH = 1000
 
 

@@ -29,6 +29,8 @@ from kombu.utils.json import dumps
 
 __all__ = ["envelope"]
 
+# Celery's default argsrepr_maxsize: what Flower and the logs show of the arguments.
+ARGSREPR_MAX = 1024
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 _origin: tuple[int, str] | None = None
 
@@ -50,8 +52,11 @@ def envelope(
     countdown: float | None = None,
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
+    headers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The kombu envelope of one task message for ``queue`` (default exchange).
+
+    ``headers`` are added to Celery's (a worker sees them on ``task.request``).
 
     Raises TypeError for arguments JSON cannot encode.
     """
@@ -66,7 +71,10 @@ def envelope(
         parent_id = current.request.id
     args = list(args)
     body = dumps([args, {}, _EMBED])
-    return {
+    argsrepr = repr(args)
+    if len(argsrepr) > ARGSREPR_MAX:
+        argsrepr = argsrepr[: ARGSREPR_MAX - 3] + "..."
+    message: dict[str, Any] = {
         "body": base64.b64encode(body.encode()).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
@@ -83,7 +91,7 @@ def envelope(
             "timelimit": [time_limit, soft_time_limit],
             "root_id": root_id,
             "parent_id": parent_id,
-            "argsrepr": repr(args),
+            "argsrepr": argsrepr,
             "kwargsrepr": "{}",
             "origin": origin(),
             "ignore_result": True,
@@ -101,3 +109,6 @@ def envelope(
             "delivery_tag": str(uuid.uuid4()),
         },
     }
+    if headers:
+        message["headers"] = {**message["headers"], **headers}
+    return message

@@ -48,6 +48,7 @@ from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
 from kombu.utils.json import dumps, loads
 
+from orchestration import constants as c
 from orchestration.logging import get_logger
 
 log = get_logger("taskrail.broker")
@@ -60,16 +61,26 @@ MAX_PENDING_ACKS = 256
 # Records one message already popped (ARGV[3], ARGV[4]) as unacknowledged, then pops
 # up to ARGV[1] more from the queue keys (KEYS[3..]), one from each in turn, recording
 # each as kombu does: unacked[tag] = [message, exchange, routing_key], unacked_index[tag]
-# = now. A message it cannot read is returned unrecorded (flag 0) for Python to handle.
-# Returns key, message, recorded flag, ... for the popped messages.
+# = now. A message with a ``taskrail_once`` header is delivered once: the first one
+# to be fetched sets ARGV[6] .. token:retries (SET NX PX ARGV[7]); a later copy is
+# dropped. (Celery's own retry of a task is a new message: its retries differ.)
+# Returns the first message's verdict (1 first, 0 a copy, -1 no such header), then
+# key, message, flag for each popped one: 1 recorded, 0 unreadable (not recorded, for
+# Python to handle), 2 a copy of a message already fetched (dropped).
 _FETCH_LUA = """
 local now = ARGV[2]
+local function once(token, retries)
+  if type(token) ~= 'string' or token == '' then return -1 end
+  if type(retries) == 'number' then token = token .. ':' .. string.format('%d', retries) end
+  if redis.call('SET', ARGV[6] .. token, '1', 'NX', 'PX', ARGV[7]) then return 1 end
+  return 0
+end
 if ARGV[3] ~= '' then
   redis.call('ZADD', KEYS[2], now, ARGV[3])
   redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
 end
+local out = {once(ARGV[5])}  -- ARGV[5] carries its retries already
 local want = tonumber(ARGV[1])
-local out = {}
 local empty = {}
 local live = #KEYS - 2
 while want > 0 and live > 0 do
@@ -87,14 +98,19 @@ while want > 0 and live > 0 do
         local tag = type(props) == 'table' and props['delivery_tag']
         local flag = 0
         if type(tag) == 'string' then
-          local info = props['delivery_info']
-          if type(info) ~= 'table' then info = {} end
-          local ex = type(info['exchange']) == 'string' and info['exchange'] or ''
-          local rk = type(info['routing_key']) == 'string' and info['routing_key'] or ''
-          redis.call('ZADD', KEYS[2], now, tag)
-          redis.call('HSET', KEYS[1], tag,
-            '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
-          flag = 1
+          local headers = type(msg['headers']) == 'table' and msg['headers'] or {}
+          if once(headers['taskrail_once'], headers['retries']) == 0 then
+            flag = 2
+          else
+            local info = props['delivery_info']
+            if type(info) ~= 'table' then info = {} end
+            local ex = type(info['exchange']) == 'string' and info['exchange'] or ''
+            local rk = type(info['routing_key']) == 'string' and info['routing_key'] or ''
+            redis.call('ZADD', KEYS[2], now, tag)
+            redis.call('HSET', KEYS[1], tag,
+              '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
+            flag = 1
+          end
         end
         out[#out + 1] = KEYS[i]; out[#out + 1] = item; out[#out + 1] = flag
       end
@@ -103,6 +119,23 @@ while want > 0 and live > 0 do
 end
 return out
 """
+
+# A message header naming a token: the transport delivers a message with it once, and
+# tells the consumer so in the header FIRST_HEADER (True; a later copy is dropped, or
+# marked False when BRPOP handed it over).
+ONCE_HEADER = "taskrail_once"
+FIRST_HEADER = "taskrail_first"
+
+
+def once_key(headers: Any) -> str:
+    """The once-key of a message's headers ('' for none): its token and Celery retries."""
+    token = headers.get(ONCE_HEADER) if isinstance(headers, dict) else None
+    if not isinstance(token, str) or not token:
+        return ""
+    retries = headers.get("retries")
+    if isinstance(retries, int) and not isinstance(retries, bool):
+        return f"{token}:{retries}"
+    return token
 
 
 # The worker's event loop, as (pid, thread): pushes made on it wait for its next turn.
@@ -143,10 +176,20 @@ class QoS(kombu_redis.QoS):
                 delivery_tag,
                 dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
             )
-            channel._fetch_more()
+            verdict = channel._fetch_more(once_key(message.headers))
+            if verdict >= 0:
+                message.headers[FIRST_HEADER] = bool(verdict)
             virtual.QoS.append(self, message, delivery_tag)
             return
         super().append(message, delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> Any:
+        # Messages still unacknowledged when the consumer stops were never run (a warm
+        # shutdown waits for running ones): another worker may deliver them once more.
+        for message in list(self._delivered.values()):
+            with contextlib.suppress(Exception):
+                self.channel._forget_once(getattr(message, "headers", None))
+        return super().restore_unacked(client)
 
     def ack(self, delivery_tag: str) -> None:
         channel = self.channel
@@ -171,7 +214,7 @@ class Channel(kombu_redis.Channel):
         self._fetch_script: Any = None
         self._prerecorded: set[str] = set()
         self._pending_acks: deque[str] = deque()  # appended from any thread
-        self._fetched: list[tuple[str, Any, bool]] = []
+        self._fetched: list[tuple[str, Any, int]] = []
         self._brpop_message: tuple[str, str] | None = None
         self._reading = False
         self._pending_pushes: list[tuple[str, str]] = []
@@ -214,8 +257,11 @@ class Channel(kombu_redis.Channel):
             self._reading = False
             self._brpop_message = None
 
-    def _fetch_more(self) -> None:
-        """Record the BRPOP'd message as unacked and pop (and record) more, in one call."""
+    def _fetch_more(self, once: str) -> int:
+        """Record the BRPOP'd message as unacked and pop (and record) more, in one call.
+
+        Returns the BRPOP'd message's once-verdict (1 first, 0 a copy, -1 none).
+        """
         assert self._brpop_message is not None
         tag, value = self._brpop_message
         room = self.qos.can_consume_max_estimate()
@@ -227,26 +273,46 @@ class Channel(kombu_redis.Channel):
         reply = self._fetch_script(
             keys=[self._key(self.unacked_key), self._key(self.unacked_index_key)]
             + [self._key(k) for k in keys],
-            args=[want, time.time(), tag, value],
+            args=[
+                want,
+                time.time(),
+                tag,
+                value,
+                once,
+                self._key(c.ONCE_KEY_PREFIX),
+                int(self.visibility_timeout * c.RUN_GUARD_TTL_FACTOR * 1000),
+            ],
             client=raw,
         )
         prefix = len(self.global_keyprefix)
-        for i in range(0, len(reply), 3):
+        for i in range(1, len(reply), 3):
             key = bytes_to_str(reply[i])[prefix:]
             queue = key.rsplit(self.sep, 1)[0]
-            self._fetched.append((queue, reply[i + 1], bool(reply[i + 2])))
+            self._fetched.append((queue, reply[i + 1], int(reply[i + 2])))
+        return int(reply[0])
 
     def _deliver_fetched(self) -> None:
         """Hand the extra messages of the batch to their consumers, in order."""
         while self._fetched:
-            queue, item, recorded = self._fetched.pop(0)
+            queue, item, flag = self._fetched.pop(0)
             try:
                 payload = loads(bytes_to_str(item))
             except (TypeError, ValueError):
                 log.warning("broker_message_dropped", queue=queue, reason="not JSON")
                 continue
-            if recorded:
+            if flag == 2:
+                log.info(
+                    "broker_message_dropped",
+                    queue=queue,
+                    reason="a copy of a message already delivered",
+                    task=payload.get("headers", {}).get("task"),
+                )
+                continue
+            if flag == 1:
                 self._prerecorded.add(payload["properties"]["delivery_tag"])
+                headers = payload.get("headers")
+                if isinstance(headers, dict) and isinstance(headers.get(ONCE_HEADER), str):
+                    headers[FIRST_HEADER] = True
             try:
                 self.connection._deliver(payload, queue)
             except BaseException:
@@ -256,12 +322,13 @@ class Channel(kombu_redis.Channel):
     def _requeue_fetched(self) -> None:
         """Give back what was fetched but not delivered (a consumer raised)."""
         fetched, self._fetched = self._fetched, []
-        for _queue, item, recorded in fetched:
+        for _queue, item, flag in fetched:
             with contextlib.suppress(Exception):
                 payload = loads(bytes_to_str(item))
                 tag = payload["properties"]["delivery_tag"]
                 self._prerecorded.discard(tag)
-                if recorded:
+                if flag == 1:
+                    self._forget_once(payload.get("headers"))
                     self.qos.restore_by_tag(tag, leftmost=True)
 
     # -- publishing -----------------------------------------------------------------
@@ -296,6 +363,12 @@ class Channel(kombu_redis.Channel):
         for key, payload in pending:
             pipe.lpush(key, payload)
         pipe.execute()
+
+    def _forget_once(self, headers: Any) -> None:
+        """Let a message given back unrun be delivered again (its once-key goes)."""
+        once = once_key(headers)
+        if once:
+            self._raw().delete(self._key(c.ONCE_KEY_PREFIX + once))
 
     # -- batched acks -------------------------------------------------------------
 

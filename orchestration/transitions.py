@@ -195,29 +195,54 @@ def _values(
 _JSON_COLUMNS = frozenset({"payload", "result"})
 
 
-@functools.lru_cache(maxsize=256)
+_NOW: Any = object()  # a value written as the statement's now()
+
+
+def _literal(word: str) -> str:
+    """An event name or status as an SQL string literal (they are fixed, short words)."""
+    if not word.replace("_", "").isalnum():
+        raise ValueError(f"not a plain word: {word!r}")
+    return f"'{word}'"
+
+
+@functools.lru_cache(maxsize=512)
 def _pg_statement(
-    value_cols: tuple[tuple[str, bool], ...],
+    event: str,
+    from_status: str,
+    to_status: str,
+    value_cols: tuple[tuple[str, Any], ...],
     guard_cols: tuple[tuple[str, bool], ...],
     returning: tuple[str, ...],
 ) -> tuple[str, tuple[str, ...]]:
     """The compare-and-set and audit insert of one shape of transition, as one statement.
 
-    ``value_cols``: (column, is_increment); ``guard_cols``: (column, is_null). Returns
-    the SQL and the names of the RETURNING columns.
+    ``value_cols``: (column, INCREMENT, _NOW or None for a parameter); ``guard_cols``:
+    (column, is_null). The event and statuses are literals and the timestamps the
+    transaction's ``now()``, so each shape is one prepared statement with few
+    parameters. Returns the SQL and the names of the RETURNING columns.
     """
-    sets = ", ".join(f"{c} = {c} + 1" if inc else f"{c} = %s" for c, inc in value_cols)
+
+    def assignment(column: str, kind: Any) -> str:
+        if kind is INCREMENT:
+            return f"{column} = {column} + 1"
+        return f"{column} = now()" if kind is _NOW else f"{column} = %s"
+
+    sets = ", ".join(
+        [assignment(c, kind) for c, kind in value_cols] + [f"status = {_literal(to_status)}"]
+    )
     where = " AND ".join(
-        ["id = %s", "status = %s"]
+        ["id = %s", f"status = {_literal(from_status)}"]
         + [f"{c} IS NULL" if is_null else f"{c} = %s" for c, is_null in guard_cols]
     )
     cols = tuple(dict.fromkeys(["id", "assigned_agent", *returning]))
     ret = ", ".join(cols)
     audit_cols = ", ".join(_AUDIT_COLUMNS)
+    event_lit, from_lit, to_lit = _literal(event), _literal(from_status), _literal(to_status)
     sql = (
         f"WITH changed AS (UPDATE tasks SET {sets} WHERE {where} RETURNING {ret}), "
         f"audited AS (INSERT INTO task_events (task_id, {audit_cols}) "
-        "SELECT id, %s, %s, %s, COALESCE(%s, assigned_agent), %s, %s, %s FROM changed) "
+        f"SELECT id, {event_lit}, {from_lit}, {to_lit}, COALESCE(%s, assigned_agent), "
+        f"%s, %s, now() FROM changed) "
         f"SELECT {ret} FROM changed"
     )
     return sql, cols
@@ -250,16 +275,23 @@ def _apply_postgres(
             if stored is None:
                 return TransitionResult(Outcome.NOT_FOUND, task_id, event)
             from_status = TaskStatus(stored[0])
-        to_status, values, now = _values(event, from_status, agent, reason, set_)
+        to_status, changes = plan(from_status, event, agent=agent, reason=reason)
+        values: dict[str, Any] = {**changes, **(set_ or {}), "updated_at": _NOW}
         guard = guard or {}
-        value_cols = tuple((c, v is INCREMENT) for c, v in values.items())
+        value_cols = tuple(
+            (c, v if v is INCREMENT or v is _NOW else None) for c, v in values.items()
+        )
         guard_cols = tuple((c, v is None) for c, v in guard.items())
-        sql, cols = _pg_statement(value_cols, guard_cols, tuple(returning))
-        params: list[Any] = [_pg_param(c, v) for c, v in values.items() if v is not INCREMENT]
-        params += [task_id, from_status.value]
+        sql, cols = _pg_statement(
+            event, from_status.value, to_status.value, value_cols, guard_cols, tuple(returning)
+        )
+        params: list[Any] = [
+            _pg_param(c, v) for c, v in values.items() if v is not INCREMENT and v is not _NOW
+        ]
+        params.append(task_id)
         params += [_pg_param(c, v) for c, v in guard.items() if v is not None]
         event_agent = agent if agent is not None else values.get("assigned_agent")
-        params += [event, from_status.value, to_status.value, event_agent, reason, worker, now]
+        params += [event_agent, reason, worker]
         found = conn.execute(sql, params, prepare=True).fetchone()
     if found is None:
         return TransitionResult(Outcome.STALE, task_id, event, from_status, to_status)

@@ -24,7 +24,7 @@ import structlog
 from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestration import constants as c
-from orchestration import leases, metrics
+from orchestration import leases, metrics, redisbroker
 from orchestration.agents import (
     AgentSpec,
     Escalate,
@@ -86,20 +86,39 @@ def send_execute(
     spec = registry.find(agent) if agent else None
     limits = spec.time_limits() if spec is not None else {}
     args: list[Any] = [task_id, attempts, agent]
+    options: dict[str, Any] = dict(limits)
     if lease is not None:
         args.append(lease.to_message())
-    rt.dispatcher.send(c.HOP_EXECUTE, args, countdown=countdown, **limits)
+        # taskrail's Redis transport delivers the message once (redisbroker.ONCE_HEADER).
+        options["headers"] = {redisbroker.ONCE_HEADER: lease.token}
+    rt.dispatcher.send(c.HOP_EXECUTE, args, countdown=countdown, **options)
+
+
+def first_copy(rt: Runtime, lease: leases.Lease, delivered_first: bool | None) -> bool | None:
+    """Whether this copy of a pre-claimed execute message is the first to arrive.
+
+    taskrail's Redis transport tells (``delivered_first``); otherwise the run guard
+    does. None: nobody can tell, the database decides.
+    """
+    if delivered_first is not None:
+        return delivered_first
+    return rt.run_guard.first(lease.token)
 
 
 def take_lease(
-    rt: Runtime, task_id: int, attempts: int, agent: str | None, lease: leases.Lease | None
+    rt: Runtime,
+    task_id: int,
+    attempts: int,
+    agent: str | None,
+    lease: leases.Lease | None,
+    delivered_first: bool | None = None,
 ) -> leases.Claim | None:
     """The lease for attempt ``attempts + 1``: the pre-claim if this copy of the message
     is the first to run it and still fresh (no database write), else a claim."""
     ttl_s = rt.settings.lease_ttl_s
     if lease is None:
         return leases.claim(rt.db, task_id, attempts, new_token(rt), ttl_s)
-    first = rt.run_guard.first(lease.token)
+    first = first_copy(rt, lease, delivered_first)
     if first is False:
         log.info("hop_skipped", task_id=task_id, reason="duplicate message: already run")
         return None
@@ -125,8 +144,13 @@ def execute(
     attempts: int,
     agent: str | None,
     lease: leases.Lease | None = None,
+    delivered_first: bool | None = None,
 ) -> None:
-    """Run attempt ``attempts + 1`` of ``task_id``'s handler, if nothing else has."""
+    """Run attempt ``attempts + 1`` of ``task_id``'s handler, if nothing else has.
+
+    ``delivered_first``: the broker's word on whether this copy of a pre-claimed
+    message is the first delivered (None: it cannot tell).
+    """
     spec = registry.find(agent) if agent else None
     breaker: SharedBreaker | None = rt.breaker_for(spec) if spec else None
     permit: Permit | None = None
@@ -134,9 +158,9 @@ def execute(
         try:
             permit = breaker.before_call()
         except BreakerOpen as refused:
-            defer(rt, task_id, attempts, spec, refused, lease)
+            defer(rt, task_id, attempts, spec, refused, lease, delivered_first)
             return
-    claimed = take_lease(rt, task_id, attempts, agent, lease)
+    claimed = take_lease(rt, task_id, attempts, agent, lease, delivered_first)
     if claimed is None:
         if breaker is not None and permit is not None:
             breaker.abandon(permit)
@@ -294,12 +318,13 @@ def defer(
     spec: AgentSpec,
     refused: BreakerOpen,
     lease: leases.Lease | None = None,
+    delivered_first: bool | None = None,
 ) -> None:
     """The agent's breaker is open: wait for its next trial without using an attempt.
 
     A pre-claimed attempt is given back; the deferred message claims it later.
     """
-    if lease is not None and rt.run_guard.first(lease.token) is False:
+    if lease is not None and first_copy(rt, lease, delivered_first) is False:
         log.info("hop_skipped", task_id=task_id, reason="duplicate message: already run")
         return
     now = utcnow()

@@ -30,7 +30,7 @@ import structlog
 from celery import Task
 
 from orchestration import constants as c
-from orchestration import metrics
+from orchestration import metrics, redisbroker
 from orchestration.agents import AgentSpec, registry
 from orchestration.errors import InfrastructureError, UnknownTaskType
 from orchestration.leases import Lease
@@ -162,4 +162,7 @@ def execute(self: Task, *args: Any, **kwargs: Any) -> None:
         agent = messages.agent_name("execute", raw_agent)
         lease = messages.lease("execute", raw_lease)
         structlog.contextvars.bind_contextvars(task_id=task_id, agent=agent)
-        execution.execute(rt, task_id, attempts, agent, lease)
+        delivered_first = getattr(self.request, redisbroker.FIRST_HEADER, None)
+        if not isinstance(delivered_first, bool):
+            delivered_first = None
+        execution.execute(rt, task_id, attempts, agent, lease, delivered_first)
