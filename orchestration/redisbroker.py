@@ -226,17 +226,29 @@ class Channel(kombu_redis.Channel):
         if asynchronous:
             return super()._create_client(asynchronous=True)
         client = self._sync_client
-        if client is None or client.connection_pool is not self.pool:
+        if client is None or (self._pool is not None and client.connection_pool is not self._pool):
             client = self._sync_client = super()._create_client(asynchronous=False)
         return client
 
     def _raw(self) -> redis.Redis:
-        """A client on the channel's pool that adds no key prefix (our keys carry it)."""
+        """A client on the channel's pool that adds no key prefix (our keys carry it).
+
+        A channel being closed keeps its clients: their pool reconnects if it can, and
+        fails with a connection error (which kombu ignores on close) if it cannot.
+        """
         client = self._raw_client
-        if client is None or client.connection_pool is not self.pool:
+        if client is None or (self._pool is not None and client.connection_pool is not self._pool):
             client = self._raw_client = redis.Redis(connection_pool=self.pool)
             self._fetch_script = client.register_script(_FETCH_LUA)
         return client
+
+    @property
+    def pool(self) -> Any:
+        if self._pool is None and self.connection.client is None:
+            # kombu rebuilds the pool from the connection's parameters, which a closed
+            # connection no longer has: say so as the connection error it is.
+            raise redis.exceptions.ConnectionError("the broker connection is closed")
+        return super().pool
 
     def _key(self, name: str) -> str:
         return f"{self.global_keyprefix}{name}"

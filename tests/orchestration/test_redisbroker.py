@@ -1,0 +1,237 @@
+"""taskrail's Redis transport against the real Redis: batched fetch, once-delivery,
+held acknowledgements and pushes, and wire compatibility with kombu's own transport."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+from orchestration import protocol, redisbroker
+from tests.support import purge
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def prefix(broker_url: str) -> Iterator[str]:
+    """A key prefix of this test's own on the test session's broker database."""
+    own = f"tbroker{uuid.uuid4().hex[:8]}:"
+    yield own
+    purge(broker_url, own)
+
+
+def ours(url: str, prefix: str) -> Connection:
+    return Connection(
+        url, transport=redisbroker.TRANSPORT, transport_options={"global_keyprefix": prefix}
+    )
+
+
+def stock(url: str, prefix: str) -> Connection:
+    return Connection(url, transport_options={"global_keyprefix": prefix})
+
+
+def queue(name: str = "q") -> Queue:
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def publish(conn: Connection, count: int, name: str = "q") -> None:
+    producer = Producer(conn.default_channel)
+    for i in range(count):
+        producer.publish(
+            {"n": i},
+            exchange=queue(name).exchange,
+            routing_key=name,
+            declare=[queue(name)],
+            serializer="json",
+        )
+
+
+def consume(conn: Connection, *, prefetch: int, ack: bool, name: str = "q") -> list[Any]:
+    """Messages delivered by one read of the broker (one BRPOP and what it brings)."""
+    got: list[Any] = []
+    channel = conn.channel()
+    channel.basic_qos(prefetch_count=prefetch)
+    consumer = Consumer(channel, [queue(name)], callbacks=[lambda body, m: got.append(m)])
+    consumer.consume()
+    conn.drain_events(timeout=2)
+    if ack:  # done with this channel: close it, so a later read does not go to it
+        for message in got:
+            message.ack()
+        consumer.cancel()
+        channel.close()
+    return got
+
+
+def commands(client: redis.Redis, *names: str) -> dict[str, int]:
+    stats = client.info("commandstats")
+    return {n: int(stats.get(f"cmdstat_{n}", {}).get("calls", 0)) for n in names}
+
+
+def test_one_read_fetches_the_prefetch_window_recorded_as_kombu_does(
+    broker_url: str, prefix: str
+) -> None:
+    # Given 5 messages published by kombu's own Redis transport
+    with stock(broker_url, prefix) as conn:
+        publish(conn, 5)
+    client = redis.Redis.from_url(broker_url)
+    before = commands(client, "brpop", "evalsha")
+    # When taskrail's transport reads once with a window of 5 and acknowledges nothing
+    with ours(broker_url, prefix) as conn:
+        got = consume(conn, prefetch=5, ack=False)
+        after = commands(client, "brpop", "evalsha")
+        unacked = client.hgetall(f"{prefix}unacked")
+        # Then all 5 came in one BRPOP and one script call, in order, each recorded in
+        # kombu's unacked format before it was delivered
+        assert [m.payload for m in got] == [{"n": i} for i in range(5)]
+        assert after["brpop"] - before["brpop"] <= 2  # this read (+ one possibly in flight)
+        assert after["evalsha"] - before["evalsha"] == 1
+        assert len(unacked) == 5
+        for message in got:
+            raw, exchange, routing_key = json.loads(unacked[message.delivery_tag.encode()])
+            assert raw["properties"]["delivery_tag"] == message.delivery_tag
+            assert (exchange, routing_key) == ("q", "q")
+        assert client.zcard(f"{prefix}unacked_index") == 5
+    # And closing without acks gives them back: kombu's own transport gets all 5
+    with stock(broker_url, prefix) as conn:
+        again = consume(conn, prefetch=10, ack=True)
+        while len(again) < 5:
+            again += consume(conn, prefetch=10, ack=True)
+    assert sorted(m.payload["n"] for m in again) == [0, 1, 2, 3, 4]
+    assert client.hlen(f"{prefix}unacked") == 0
+
+
+def test_messages_from_taskrail_reach_kombus_own_transport(broker_url: str, prefix: str) -> None:
+    with ours(broker_url, prefix) as conn:
+        publish(conn, 3)
+        channel = conn.default_channel
+        channel.push([("q", protocol.envelope("taskrail.start", [7], "q"))])
+    with stock(broker_url, prefix) as conn:
+        got = []
+        while len(got) < 4:
+            got += consume(conn, prefetch=10, ack=True)
+    bodies = [m.payload for m in got]
+    assert bodies[:3] == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert got[3].headers["task"] == "taskrail.start"
+    assert json.loads(got[3].body)[0] == [7]
+
+
+def _once_message(token: str, retries: int = 0) -> dict[str, Any]:
+    message = protocol.envelope(
+        "taskrail.execute", [1, 0, "a"], "q", headers={redisbroker.ONCE_HEADER: token}
+    )
+    message["headers"]["retries"] = retries
+    return message
+
+
+def test_a_once_message_is_delivered_once_and_a_celery_retry_again(
+    broker_url: str, prefix: str
+) -> None:
+    client = redis.Redis.from_url(broker_url)
+    with ours(broker_url, prefix) as conn:
+        channel = conn.default_channel
+        # Given two copies of one pre-claimed message, then Celery's retry of it, and
+        # a copy behind the retry
+        channel.push([("q", _once_message("tok"))])
+        channel.push([("q", _once_message("tok"))])
+        channel.push([("q", _once_message("tok", retries=1))])
+        channel.push([("q", _once_message("tok"))])
+        # When a consumer reads them all
+        got = consume(conn, prefetch=10, ack=True)
+    # Then the first copy and the retry arrive, marked first; the copies are gone
+    assert [m.headers["retries"] for m in got] == [0, 1]
+    assert all(m.headers[redisbroker.FIRST_HEADER] is True for m in got)
+    assert client.llen(f"{prefix}q") == 0
+    assert client.hlen(f"{prefix}unacked") == 0
+
+
+def test_a_copy_handed_over_by_brpop_is_delivered_marked_as_a_copy(
+    broker_url: str, prefix: str
+) -> None:
+    with ours(broker_url, prefix) as conn:
+        channel = conn.default_channel
+        channel.push([("q", _once_message("tok2"))])
+        first = consume(conn, prefetch=1, ack=True)
+        channel.push([("q", _once_message("tok2"))])
+        second = consume(conn, prefetch=1, ack=True)
+    assert [m.headers[redisbroker.FIRST_HEADER] for m in first + second] == [True, False]
+
+
+def test_a_once_message_given_back_unrun_is_delivered_again(broker_url: str, prefix: str) -> None:
+    # Given a once message fetched and never acknowledged
+    with ours(broker_url, prefix) as conn:
+        conn.default_channel.push([("q", _once_message("tok3"))])
+        assert len(consume(conn, prefetch=1, ack=False)) == 1
+    # When its consumer went away (the message was restored), then another gets it, first
+    with ours(broker_url, prefix) as conn:
+        again = consume(conn, prefetch=1, ack=True)
+    assert len(again) == 1
+    assert again[0].headers[redisbroker.FIRST_HEADER] is True
+
+
+def test_an_unreadable_message_in_a_batch_is_dropped_and_the_rest_delivered(
+    broker_url: str, prefix: str
+) -> None:
+    client = redis.Redis.from_url(broker_url)
+    with ours(broker_url, prefix) as conn:
+        publish(conn, 1)
+        client.lpush(f"{prefix}q", b"\x80 not json")
+        publish(conn, 1)
+        got = consume(conn, prefetch=5, ack=True)
+    assert len(got) == 2
+    assert client.llen(f"{prefix}q") == 0
+
+
+def test_acks_in_an_event_loop_wait_for_the_loops_turn(broker_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(broker_url)
+    with ours(broker_url, prefix) as conn:
+        publish(conn, 3)
+        got = consume(conn, prefetch=3, ack=False)
+        transport = conn.transport
+        # Outside an event loop an ack is sent at once
+        got[0].ack()
+        assert client.hlen(f"{prefix}unacked") == 2
+        # In one, acks wait for the loop's next turn, then go together
+        transport.in_event_loop = True
+        got[1].ack()
+        got[2].ack()
+        assert client.hlen(f"{prefix}unacked") == 2
+        assert conn.default_channel.qos.can_consume()  # the prefetch window opened at once
+        transport.flush_acks()
+        assert client.hlen(f"{prefix}unacked") == 0
+        assert client.zcard(f"{prefix}unacked_index") == 0
+
+
+def test_pushes_on_the_loop_thread_wait_for_its_turn_others_go_at_once(
+    broker_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis.Redis.from_url(broker_url)
+    monkeypatch.setattr(redisbroker, "_loop_owner", (os.getpid(), threading.get_ident()))
+    with ours(broker_url, prefix) as conn:
+        channel = conn.default_channel
+        channel.push([("q", protocol.envelope("taskrail.start", [1], "q"))])
+        channel.push([("q", protocol.envelope("taskrail.start", [2], "q"))])
+        assert client.llen(f"{prefix}q") == 0
+        other = threading.Thread(
+            target=channel.push, args=([("q", protocol.envelope("taskrail.start", [3], "q"))],)
+        )
+        other.start()
+        other.join()
+        assert client.llen(f"{prefix}q") == 1
+        redisbroker.flush_deferred_pushes()
+        assert client.llen(f"{prefix}q") == 3
+    sent = [hop_args(m) for m in client.lrange(f"{prefix}q", 0, -1)]
+    assert sorted(sent) == [[1], [2], [3]]
+
+
+def hop_args(raw: bytes) -> list[Any]:
+    args: list[Any] = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
+    return args
