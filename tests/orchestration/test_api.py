@@ -492,6 +492,33 @@ def test_idempotency_key_on_postgres_gives_one_row_and_one_message(
 
 
 @pytest.mark.integration
+def test_submit_many_on_postgres_resolves_keys_in_one_batch(servers: Settings) -> None:
+    # Given a task already submitted with key "old"
+    old = api.submit("payroll", 1, {"n": 0}, idempotency_key="old")
+    # When one batch mixes that key, a key repeated in the batch, new keys and none
+    ids = api.submit_many(
+        [
+            NewTask("payroll", 2, {"n": 1}, idempotency_key="old"),
+            NewTask("payroll", 3, {"n": 2}, idempotency_key="twice"),
+            NewTask("bookkeeping", 4, {"n": 3}),
+            NewTask("payroll", 5, {"n": 4}, idempotency_key="twice"),
+            NewTask("personal_tax", 6, {"n": 5, "nested": {"a": [1, 2.5, None]}}),
+        ]
+    )
+    # Then keyed repeats get the first task's id, and only new tasks are written and sent
+    assert ids[0] == old
+    assert ids[1] == ids[3]
+    assert len({old, ids[1], ids[2], ids[4]}) == 4
+    assert row_count() == 4
+    assert api.get(ids[4]).payload == {"n": 5, "nested": {"a": [1, 2.5, None]}}
+    assert api.get(old).payload == {"n": 0}
+    assert sorted(redis_messages(servers)) == sorted(
+        [(HOP_ASSIGN, [old, "payroll"]), (HOP_ASSIGN, [ids[1], "payroll"]),
+         (HOP_ASSIGN, [ids[2], "bookkeeping"]), (HOP_ASSIGN, [ids[4], "personal_tax"])]
+    )  # fmt: skip
+
+
+@pytest.mark.integration
 def test_concurrent_submits_with_one_key_make_one_task(servers: Settings) -> None:
     # Given two producers with their own connections
     producers = [api.Taskrail(servers), api.Taskrail(servers)]
