@@ -31,6 +31,8 @@ REDIS_DB_SUBMIT = 3
 REDIS_DB_TASKRAIL = 4
 REDIS_DB_BREAKERS = 5
 REDIS_DB_BASELINE = 6
+REDIS_DB_NOOP = 7  # Celery's no-op ceiling: its broker
+REDIS_DB_NOOP_COUNTER = 8  # ... and the counter its task increments
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
@@ -188,6 +190,60 @@ class WorkerSet:
                 p.wait(5)
 
 
+@dataclass(frozen=True)
+class Proc:
+    """One ``celery worker`` process: its pool, concurrency, queues and other flags."""
+
+    pool: str
+    concurrency: int = 1
+    queues: str | None = None
+    extra: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        text = f"-P {self.pool} -c {self.concurrency}"
+        if self.queues:
+            text += f" -Q {self.queues}"
+        return " ".join([text, *self.extra])
+
+
+def same_procs(pool: str, concurrency: int, instances: int) -> list[Proc]:
+    return [Proc(pool, concurrency) for _ in range(instances)]
+
+
+def describe_procs(procs: list[Proc]) -> str:
+    """``2 x (-P solo -c 1)`` or a list of different processes."""
+    if len(set(procs)) == 1:
+        return f"{len(procs)} x ({procs[0].describe()})"
+    return " + ".join(f"({p.describe()})" for p in procs)
+
+
+def start_procs(
+    label: str, app: str, cwd: Path, env: dict[str, str], procs: list[Proc], log_dir: Path
+) -> WorkerSet:
+    """Start ``procs`` as ``celery -A app worker`` processes, each in a session of its own,
+    with the reference's flags (``-l warning --without-gossip --without-mingle
+    --without-heartbeat``)."""
+    celery = str(Path(sys.executable).with_name("celery"))
+    ws = WorkerSet(label)
+    for k, proc in enumerate(procs):
+        log = log_dir / f"{label}_worker{k + 1}.log"
+        cmd = [
+            celery, "-A", app, "worker", "-n", f"{label}{k + 1}@%h",
+            "-P", proc.pool, "-c", str(proc.concurrency),
+            "-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        ]  # fmt: skip
+        if proc.queues:
+            cmd += ["-Q", proc.queues]
+        cmd += list(proc.extra)
+        with open(log, "ab") as out:
+            popen = subprocess.Popen(
+                cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            ws.procs.append(popen)
+        ws.log_paths.append(log)
+    return ws
+
+
 def start_workers(
     label: str,
     app: str,
@@ -198,40 +254,7 @@ def start_workers(
     instances: int,
     log_dir: Path,
 ) -> WorkerSet:
-    celery = str(Path(sys.executable).with_name("celery"))
-    ws = WorkerSet(label)
-    for k in range(instances):
-        log = log_dir / f"{label}_worker{k + 1}.log"
-        cmd = [
-            celery,
-            "-A",
-            app,
-            "worker",
-            "-n",
-            f"{label}{k + 1}@%h",
-            "-P",
-            pool,
-            "-c",
-            str(concurrency),
-            "-l",
-            "warning",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
-        with open(log, "wb") as out:
-            ws.procs.append(
-                subprocess.Popen(
-                    cmd,
-                    cwd=cwd,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            )
-        ws.log_paths.append(log)
-    return ws
+    return start_procs(label, app, cwd, env, same_procs(pool, concurrency, instances), log_dir)
 
 
 def wait_ready(ws: WorkerSet, celery_app, timeout: float = 30.0) -> None:
@@ -264,6 +287,7 @@ class RedisMonitor:
         self.dbs = {str(d).encode() for d in dbs}
         self.counts: Counter = Counter()
         self.lua: Counter = Counter()
+        self.per_db: dict[int, Counter] = {}
         self._client = redis.Redis.from_url(redis_url(0))
         self._conn = self._client.connection_pool.get_connection()
         self._conn.send_command("MONITOR")
@@ -287,6 +311,8 @@ class RedisMonitor:
                 return
             if db in self.dbs:
                 (self.lua if client == b"lua" else self.counts)[cmd] += 1
+                if client != b"lua":
+                    self.per_db.setdefault(int(db), type(self.counts)())[cmd] += 1
 
     def stop(self) -> None:
         self._client.echo(self.MARK)

@@ -11,6 +11,9 @@ Deliberate differences from the reference, none of which touches a hop:
 - BROKER and DSN default to the benchmark's own Redis database (6) and Postgres
   database (bench_taskrail) instead of redis db 15 and the ``postgres`` database;
   ``bench/lifecycle.py`` sets both explicitly anyway.
+- WORK_MS (default 0) makes ``complete`` sleep that long before its update: the I/O
+  workload of bench/io.py, a handler waiting on an outside call. 0 leaves the
+  reference's task as it is.
 - The producer side (create the table, insert the rows, time the run, poll) lives in
   ``bench/lifecycle.py`` so taskrail and this baseline share one driver; the table,
   the INSERT and the timing (first enqueue until all rows read 'completed', polling
@@ -42,6 +45,8 @@ TABLE_DDL = (
     "CREATE TABLE bench_task (id bigserial primary key, status text not null, "
     "updated_at timestamptz default now())"
 )
+
+WORK_S = float(os.environ.get("WORK_MS", "0")) / 1000.0
 
 _conn = None
 
@@ -75,6 +80,8 @@ def start(task_id):
 
 @app.task(name="naive.complete")
 def complete(task_id):
+    if WORK_S:
+        time.sleep(WORK_S)
     cas(task_id, "in_progress", "completed")
 
 

@@ -30,7 +30,10 @@ RETRY_BACKOFF_BASE_S = 1.0
 RETRY_BACKOFF_MAX_S = 60.0
 
 # Celery / broker.
-DEFAULT_PREFETCH_MULTIPLIER = 4
+# Messages a worker takes per process ahead of running them: the Redis transport fetches
+# them in one round trip, and a solo worker's hops then share one pipeline of acks and
+# next-hop messages. Long handlers on a threads pool want 1 (--prefetch-multiplier 1).
+DEFAULT_PREFETCH_MULTIPLIER = 16
 # Longer than the longest handler: a message unacked for this long is redelivered.
 DEFAULT_VISIBILITY_TIMEOUT_S = 2 * 3600
 MAX_MESSAGE_BYTES = 256 * 1024

@@ -6,6 +6,7 @@ no connection is opened at import time and none is shared across a fork.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import threading
@@ -77,7 +78,26 @@ def runtime(app: Celery) -> Runtime:
                 ),
             )
             _pid = os.getpid()
+            freeze_heap()
     return _runtime
+
+
+def freeze_heap() -> None:
+    """Move everything alive now out of the garbage collector's sight.
+
+    A worker holds a few hundred thousand long-lived objects (Celery, kombu, SQLAlchemy,
+    psycopg, the state machine classes); each full collection walked all of them, a
+    ~100 ms pause every few thousand hops that showed as the p99 of a hop's latency.
+    Frozen, they are never collected (they live as long as the process anyway); what
+    hops allocate is collected as before.
+    """
+    gc.collect()
+    gc.freeze()
+
+
+@signals.worker_ready.connect
+def _freeze_main_process(**_: object) -> None:
+    freeze_heap()
 
 
 @signals.worker_process_init.connect
