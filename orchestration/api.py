@@ -21,8 +21,9 @@ import json
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import orjson
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -48,6 +49,24 @@ log = get_logger("taskrail.api")
 MAX_KEY_LENGTH = 255
 
 
+# submit_many on PostgreSQL: every row of the batch (a JSON array of
+# [client_id, task_type, payload, idempotency_key]) in one INSERT; ids in input order.
+_INSERT_MANY = """
+WITH src AS (
+    SELECT nextval(pg_get_serial_sequence('tasks', 'id')) AS id, o, e
+    FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS a(e, o)
+), ins AS (
+    INSERT INTO tasks (id, client_id, task_type, status, payload, attempts,
+                       idempotency_key, created_at, updated_at)
+    SELECT id, (e->>0)::bigint, e->>1, 'pending', e->2, 0, e->>3, now(), now()
+    FROM src ORDER BY o
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING id
+)
+SELECT src.id, ins.id IS NOT NULL, src.e->>3 FROM src LEFT JOIN ins USING (id) ORDER BY src.o
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class NewTask:
     """One item of :meth:`Taskrail.submit_many`."""
@@ -56,6 +75,15 @@ class NewTask:
     client_id: int
     payload: Mapping[str, Any] | None = None
     idempotency_key: str | None = None
+
+
+class _Row(NamedTuple):
+    """One checked item of submit_many, as it is inserted."""
+
+    client_id: int
+    task_type: str
+    payload: str  # the JSON text it was checked as
+    idempotency_key: str | None
 
 
 def _check_client_id(client_id: Any) -> int:
@@ -136,7 +164,7 @@ class Taskrail:
         Every item is validated before anything is written: one bad item raises and
         no task is created.
         """
-        rows: list[dict[str, Any]] = []
+        rows: list[_Row] = []
         known: set[str] = set()
         for item in items:
             new = item if isinstance(item, NewTask) else NewTask(**item)
@@ -144,78 +172,64 @@ class Taskrail:
                 registry.for_task_type(new.task_type)
                 known.add(new.task_type)
             rows.append(
-                {
-                    "client_id": _check_client_id(new.client_id),
-                    "task_type": new.task_type,
-                    "payload": _encode_payload(new.payload),
-                    "idempotency_key": _check_key(new.idempotency_key),
-                }
+                _Row(
+                    _check_client_id(new.client_id),
+                    new.task_type,
+                    _encode_payload(new.payload),
+                    _check_key(new.idempotency_key),
+                )
             )
         if not rows:
             return []
         created = self._insert_postgres(rows) if self.db.is_postgres else self._insert(rows)
         fresh = [
-            (task_id, row["task_type"])
+            (task_id, row.task_type)
             for (task_id, is_new), row in zip(created, rows, strict=True)
             if is_new
         ]
         self._enqueue_first_hops(fresh)
         return [task_id for task_id, _ in created]
 
-    def _insert_postgres(self, rows: list[dict[str, Any]]) -> list[tuple[int, bool]]:
-        """Insert ``rows`` in one transaction of three statements, whatever their number.
+    def _insert_postgres(self, rows: list[_Row]) -> list[tuple[int, bool]]:
+        """Insert ``rows`` in one statement, whatever their number; (id, created) per row.
 
-        The ids are drawn from the sequence first, so each row's id is known before the
-        insert (an ``INSERT ... SELECT FROM unnest(...)`` of every row at once); a row
-        whose idempotency key exists already is skipped and answered with that task's id.
-        Returns (id, created) per row.
+        The rows travel as one JSON array (the payloads as the JSON text they were
+        checked as); each draws its id from the sequence in input order, and a row whose
+        idempotency key exists already is skipped and answered with that task's id.
         """
-        n = len(rows)
-        keys = [row["idempotency_key"] for row in rows]
-        with self.db.driver_connection() as conn, conn.transaction():
-            ids = [
-                r[0]
-                for r in conn.execute(
-                    "SELECT nextval(pg_get_serial_sequence('tasks', 'id')) "
-                    "FROM generate_series(1, %s)",
-                    (n,),
-                )
+        batch = orjson.dumps(
+            [
+                [
+                    row.client_id,
+                    row.task_type,
+                    orjson.Fragment(row.payload),
+                    row.idempotency_key,
+                ]
+                for row in rows
             ]
-            inserted = {
-                r[0]
-                for r in conn.execute(
-                    "INSERT INTO tasks (id, client_id, task_type, status, payload, attempts, "
-                    "idempotency_key, created_at, updated_at) "
-                    "SELECT i, c, t, 'pending', p::jsonb, 0, k, now(), now() "
-                    "FROM unnest(%s::bigint[], %s::bigint[], %s::text[], %s::text[], %s::text[]) "
-                    "AS u(i, c, t, p, k) "
-                    "ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
-                    (
-                        ids,
-                        [row["client_id"] for row in rows],
-                        [row["task_type"] for row in rows],
-                        [row["payload"] for row in rows],
-                        keys,
-                    ),
-                )
-            }
+        ).decode()
+        with self.db.driver_connection() as conn, conn.transaction():
+            created = conn.execute(_INSERT_MANY, (batch,)).fetchall()
+            missing = [key for _id, is_new, key in created if not is_new]
             existing: dict[str, int] = {}
-            if len(inserted) < n:
+            if missing:
+                # Keys taken before this statement, or twice in this batch.
                 existing = dict(
                     conn.execute(
                         "SELECT idempotency_key, id FROM tasks WHERE idempotency_key = ANY(%s)",
-                        ([k for k, i in zip(keys, ids, strict=True) if i not in inserted],),
+                        (missing,),
                     ).fetchall()
                 )
         return [
-            (i, True) if i in inserted else (existing[key], False)
-            for i, key in zip(ids, keys, strict=True)
+            (task_id, True) if is_new else (existing[key], False)
+            for task_id, is_new, key in created
         ]
 
-    def _insert(self, rows: list[dict[str, Any]]) -> list[tuple[int, bool]]:
+    def _insert(self, new_rows: list[_Row]) -> list[tuple[int, bool]]:
         """Insert ``rows`` with SQLAlchemy (SQLite); returns (id, created) per row,
         resolving idempotency keys."""
         now = utcnow()
+        rows = [row._asdict() for row in new_rows]
         for row in rows:
             row.update(status=TaskStatus.PENDING, attempts=0, created_at=now, updated_at=now)
             row["payload"] = json.loads(row["payload"])

@@ -182,7 +182,7 @@ class Dispatcher:
         except (KombuOperationalError, OSError) as err:
             raise BrokerUnavailable(self.where, redact_text(str(err))) from err
 
-    def _push(self, channel: redisbroker.Channel, messages: list[tuple[str, Any]]) -> None:
+    def _push(self, channel: redisbroker.Channel, messages: Iterable[tuple[str, Any]]) -> None:
         try:
             channel.push(messages)
         except _BROKER_ERRORS as err:
@@ -210,8 +210,12 @@ class Dispatcher:
         sent = 0
         if channel is not None:
             items = iter(args_list)
+            lineage = protocol.current_lineage()
             while chunk := list(itertools.islice(items, PUBLISH_BATCH)):
-                self._push(channel, [(queue, protocol.envelope(hop, a, queue)) for a in chunk])
+                self._push(
+                    channel,
+                    ((queue, protocol.envelope(hop, a, queue, lineage=lineage)) for a in chunk),
+                )
                 sent += len(chunk)
             return sent
         try:

@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from celery._state import get_current_worker_task
-from kombu.utils.json import dumps
 
-__all__ = ["envelope"]
+__all__ = ["current_lineage", "envelope"]
 
 # Celery's default argsrepr_maxsize: what Flower and the logs show of the arguments.
 ARGSREPR_MAX = 1024
@@ -44,6 +44,14 @@ def origin() -> str:
     return _origin[1]
 
 
+def current_lineage() -> tuple[str | None, str | None]:
+    """(root_id, parent_id) for a message sent now: the running hop's, or none."""
+    current = get_current_worker_task()
+    if current is not None and current.request.id:
+        return current.request.root_id or current.request.id, current.request.id
+    return None, None
+
+
 def envelope(
     name: str,
     args: Sequence[Any],
@@ -53,10 +61,12 @@ def envelope(
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
     headers: dict[str, Any] | None = None,
+    lineage: tuple[str | None, str | None] | None = None,
 ) -> dict[str, Any]:
     """The kombu envelope of one task message for ``queue`` (default exchange).
 
     ``headers`` are added to Celery's (a worker sees them on ``task.request``).
+    ``lineage`` is :func:`current_lineage`, for a caller that builds many messages.
 
     Raises TypeError for arguments JSON cannot encode.
     """
@@ -64,18 +74,15 @@ def envelope(
     eta = None
     if countdown:
         eta = (datetime.now(UTC) + timedelta(seconds=countdown)).isoformat()
-    root_id, parent_id = task_id, None
-    current = get_current_worker_task()
-    if current is not None and current.request.id:
-        root_id = current.request.root_id or current.request.id
-        parent_id = current.request.id
+    root_id, parent_id = lineage if lineage is not None else current_lineage()
+    root_id = root_id or task_id
     args = list(args)
-    body = dumps([args, {}, _EMBED])
+    body = orjson.dumps([args, {}, _EMBED])
     argsrepr = repr(args)
     if len(argsrepr) > ARGSREPR_MAX:
         argsrepr = argsrepr[: ARGSREPR_MAX - 3] + "..."
     message: dict[str, Any] = {
-        "body": base64.b64encode(body.encode()).decode(),
+        "body": base64.b64encode(body).decode(),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
@@ -106,7 +113,8 @@ def envelope(
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
+            # Unique per message as kombu's own uuid4 is; a restored copy keeps it.
+            "delivery_tag": task_id,
         },
     }
     if headers:

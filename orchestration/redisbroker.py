@@ -35,18 +35,21 @@ Select it with Celery's ``broker_transport`` (``orchestration.dispatch`` does fo
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import orjson
 import redis
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import dumps, loads
+from kombu.utils.json import loads
 
 from orchestration import constants as c
 from orchestration.logging import get_logger
@@ -174,7 +177,7 @@ class QoS(kombu_redis.QoS):
             delivery = message.delivery_info
             channel._brpop_message = (
                 delivery_tag,
-                dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
+                orjson.dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
             )
             verdict = channel._fetch_more(once_key(message.headers))
             if verdict >= 0:
@@ -205,6 +208,18 @@ class QoS(kombu_redis.QoS):
         virtual.QoS.ack(self, delivery_tag)
 
 
+
+def _lpush_runs(raw: Any, items: Sequence[tuple[str, bytes]]) -> None:
+    """LPUSH ``(key, payload)`` pairs in order, one command per run of the same key.
+
+    ``LPUSH key a b c`` leaves the list as ``LPUSH a; LPUSH b; LPUSH c`` would, so the
+    consumer's BRPOP still sees them first in, first out.
+    """
+    pipe = raw.pipeline(transaction=False)
+    for key, run in itertools.groupby(items, key=operator.itemgetter(0)):
+        pipe.lpush(key, *(payload for _key, payload in run))
+    pipe.execute()
+
 class Channel(kombu_redis.Channel):
     QoS = QoS
 
@@ -215,9 +230,9 @@ class Channel(kombu_redis.Channel):
         self._prerecorded: set[str] = set()
         self._pending_acks: deque[str] = deque()  # appended from any thread
         self._fetched: list[tuple[str, Any, int]] = []
-        self._brpop_message: tuple[str, str] | None = None
+        self._brpop_message: tuple[str, bytes] | None = None
         self._reading = False
-        self._pending_pushes: list[tuple[str, str]] = []
+        self._pending_pushes: list[tuple[str, bytes]] = []
         super().__init__(*args, **kwargs)
 
     # -- clients ------------------------------------------------------------------
@@ -345,36 +360,31 @@ class Channel(kombu_redis.Channel):
 
     # -- publishing -----------------------------------------------------------------
 
-    def push(self, messages: Sequence[tuple[str, dict[str, Any]]]) -> None:
+    def push(self, messages: Iterable[tuple[str, dict[str, Any]]]) -> None:
         """Put prebuilt envelopes (:func:`orchestration.protocol.envelope`) on their queues.
 
         What ``basic_publish`` to the default exchange does, without kombu's routing
-        machinery; several messages go in one pipeline. Raises the channel's
+        machinery; several messages go in one pipeline. Each envelope is encoded as it
+        comes, so a generator of them never holds more than one. Raises the channel's
         connection errors.
         """
+        encoded = [(self._key(q), orjson.dumps(m)) for q, m in messages]
         if _on_loop_thread():
-            self._pending_pushes += [(self._key(q), dumps(m)) for q, m in messages]
+            self._pending_pushes += encoded
             _deferred.add(self)
             return
         raw = self._raw()
-        if len(messages) == 1:
-            queue, message = messages[0]
-            raw.lpush(self._key(queue), dumps(message))
+        if len(encoded) == 1:
+            raw.lpush(*encoded[0])
             return
-        pipe = raw.pipeline(transaction=False)
-        for queue, message in messages:
-            pipe.lpush(self._key(queue), dumps(message))
-        pipe.execute()
+        _lpush_runs(raw, encoded)
 
     def flush_pushes(self) -> None:
         """Send the pushes held for the loop's next turn, in one pipeline, in order."""
         pending, self._pending_pushes = self._pending_pushes, []
         if not pending:
             return
-        pipe = self._raw().pipeline(transaction=False)
-        for key, payload in pending:
-            pipe.lpush(key, payload)
-        pipe.execute()
+        _lpush_runs(self._raw(), pending)
 
     def _forget_once(self, headers: Any) -> None:
         """Let a message given back unrun be delivered again (its once-key goes)."""
