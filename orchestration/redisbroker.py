@@ -208,7 +208,6 @@ class QoS(kombu_redis.QoS):
         virtual.QoS.ack(self, delivery_tag)
 
 
-
 def _lpush_runs(raw: Any, items: Sequence[tuple[str, bytes]]) -> None:
     """LPUSH ``(key, payload)`` pairs in order, one command per run of the same key.
 
@@ -219,6 +218,7 @@ def _lpush_runs(raw: Any, items: Sequence[tuple[str, bytes]]) -> None:
     for key, run in itertools.groupby(items, key=operator.itemgetter(0)):
         pipe.lpush(key, *(payload for _key, payload in run))
     pipe.execute()
+
 
 class Channel(kombu_redis.Channel):
     QoS = QoS
