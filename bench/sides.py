@@ -268,10 +268,16 @@ class Noop(Side):
 
 
 def throughput(
-    side: Side, procs: list[cm.Proc], n: int, *, work_ms: float = 0.0, poll_s: float = 0.05
+    side: Side,
+    procs: list[cm.Proc],
+    n: int,
+    *,
+    work_ms: float = 0.0,
+    poll_s: float = 0.05,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """One timed run of ``n`` tasks on fresh workers: rates, CPU per hop, memory."""
-    ws = side.start(procs)
+    ws = side.start(procs, env)
     try:
         jobs = side.prepare(n, work_ms)
         before = idle_busy()

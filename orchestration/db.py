@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,7 @@ class Database:
             dbapi.InterfaceError,
         )
         self._schema_ok = False
+        self._schema_lock = threading.Lock()
 
     @property
     def where(self) -> str:
@@ -139,16 +141,19 @@ class Database:
             return
         from orchestration import migrate
 
-        try:
-            current = migrate.is_current(self.engine)
-            if not current:
-                if not self.auto_upgrade:
-                    raise SchemaNotReady(self.where)
-                with self._migration_lock():
-                    migrate.upgrade(self.engine)
-        except exc.DBAPIError as err:
-            raise self._unavailable(err) from err
-        self._schema_ok = True
+        with self._schema_lock:  # the threads of a threads pool check once, not each
+            if self._schema_ok:
+                return
+            try:
+                current = migrate.is_current(self.engine)
+                if not current:
+                    if not self.auto_upgrade:
+                        raise SchemaNotReady(self.where)
+                    with self._migration_lock():
+                        migrate.upgrade(self.engine)
+            except exc.DBAPIError as err:
+                raise self._unavailable(err) from err
+            self._schema_ok = True
 
     def upgrade(self) -> None:
         """Apply every pending migration."""

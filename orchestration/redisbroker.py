@@ -60,6 +60,8 @@ TRANSPORT = f"{__name__}:Transport"
 SCHEMES = ("redis:", "rediss:")
 # Acknowledgements held back at most this many before they are sent anyway.
 MAX_PENDING_ACKS = 256
+# How long a publisher waits for a free connection of the channel's pool.
+POOL_WAIT_S = 10.0
 
 # Records one message already popped (ARGV[3], ARGV[4]) as unacknowledged, then pops
 # up to ARGV[1] more from the queue keys (KEYS[3..]), one from each in turn, recording
@@ -244,6 +246,20 @@ class Channel(kombu_redis.Channel):
         if client is None or (self._pool is not None and client.connection_pool is not self._pool):
             client = self._sync_client = super()._create_client(asynchronous=False)
         return client
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        pool = super()._get_pool(asynchronous=asynchronous)
+        if asynchronous:
+            return pool
+        # Every thread of a threads pool publishes through this pool: one that finds all
+        # connections in use waits for one (kombu's pool would raise "Too many
+        # connections" and fail the hop).
+        return redis.BlockingConnectionPool(
+            max_connections=pool.max_connections,
+            timeout=POOL_WAIT_S,
+            connection_class=pool.connection_class,
+            **pool.connection_kwargs,
+        )
 
     def _raw(self) -> redis.Redis:
         """A client on the channel's pool that adds no key prefix (our keys carry it).

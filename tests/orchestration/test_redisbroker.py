@@ -235,3 +235,31 @@ def test_pushes_on_the_loop_thread_wait_for_its_turn_others_go_at_once(
 def hop_args(raw: bytes) -> list[Any]:
     args: list[Any] = json.loads(base64.b64decode(json.loads(raw)["body"]))[0]
     return args
+
+
+def test_many_threads_publishing_at_once_wait_for_a_connection(
+    broker_url: str, prefix: str
+) -> None:
+    # Given more publishing threads than the channel's pool has connections (a threads pool)
+    client = redis.Redis.from_url(broker_url)
+    errors: list[BaseException] = []
+    with ours(broker_url, prefix) as conn:
+        channel = conn.default_channel
+        assert channel.pool.max_connections < 100
+
+        def publish_some(k: int) -> None:
+            try:
+                for i in range(20):
+                    channel.push([("q", protocol.envelope("taskrail.start", [k * 100 + i], "q"))])
+            except BaseException as err:  # "Too many connections" from a non-blocking pool
+                errors.append(err)
+
+        threads = [threading.Thread(target=publish_some, args=(k,)) for k in range(100)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    # Then every message went out: none failed for want of a connection
+    assert errors == []
+    sent = sorted(hop_args(m)[0] for m in client.lrange(f"{prefix}q", 0, -1))
+    assert sent == sorted(k * 100 + i for k in range(100) for i in range(20))
