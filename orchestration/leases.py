@@ -307,6 +307,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._wakes_at = 0.0  # epoch s the keeper's thread wakes up next (by itself)
 
     @contextlib.contextmanager
     def hold(self, task_id: int, token: str, expires_at: float | None = None) -> Iterator[None]:
@@ -326,7 +327,11 @@ class LeaseKeeper:
                     target=self._run, name="taskrail-lease-keeper", daemon=True
                 )
                 self._thread.start()
-        self._wake.set()  # the keeper recomputes when it must wake up next
+            # Wake the keeper only if this lease is due before it wakes up anyway: a
+            # lease taken after the others is due after them.
+            sooner = expires - self.margin_s < self._wakes_at
+        if sooner:
+            self._wake.set()  # the keeper recomputes when it must wake up next
         try:
             yield
         finally:
@@ -366,16 +371,19 @@ class LeaseKeeper:
         """Renew every held lease now; returns how many rows were extended."""
         return self.renew_due(everything=True)
 
-    def _next_due_s(self) -> float:
+    def _next_wait_s(self) -> float:
+        """Seconds until the earliest held lease is due, noted as the keeper's wake-up."""
         with self._lock:
             earliest = min((expires for _, expires in self._held.values()), default=None)
-        if earliest is None:
-            return self.ttl_s
-        return max(0.0, earliest - self.margin_s - time.time())
+            now = time.time()
+            due_s = self.ttl_s if earliest is None else max(0.0, earliest - self.margin_s - now)
+            self._wakes_at = now + due_s
+        return due_s
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self._next_due_s())
+            due_s = self._next_wait_s()
+            self._wake.wait(due_s)
             self._wake.clear()
             try:
                 self.renew_due()
