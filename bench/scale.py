@@ -1,0 +1,219 @@
+"""Scale: a long drain, the sweeper's query over a large table, and 1 to 4 workers.
+
+Three parts, each optional (``--skip drain,sweeper,workers``):
+
+- **drain**: ``-n`` tasks (default 100,000; demo agents, no-op handlers) submitted up
+  front, then drained by ``--workers`` ``--pool solo`` workers. Every second the driver
+  samples how many tasks are final and each worker's resident set (VmRSS). Printed:
+  throughput over the 10,000 tasks after the 10,000th and over the last 10,000, and the
+  workers' RSS when the 10,000th task was final and at the end. Goals (issue 8): RSS
+  growth < 10%, the last window's throughput within 10% of the first's.
+- **sweeper**: a table of ``--rows`` tasks (default 1,000,000: 99% final, the rest
+  active, a tenth of those stuck), analysed, then ``EXPLAIN (ANALYZE, BUFFERS)`` of the
+  sweeper's claim statement (the real one, ``orchestration.recovery``) inside a
+  transaction that is rolled back, and of ``taskrail status``'s stuck count. Goal:
+  claim < 50 ms.
+- **workers**: throughput of ``--scaling-n`` tasks (default 3,000) with 1, 2, 3 and 4
+  ``--pool solo`` worker processes, on the same 2 cores.
+
+usage: python bench/scale.py [-n 100000] [--rows 1000000] [--skip drain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as cm
+import psycopg
+from sides import Taskrail, fmt_tp, throughput
+
+SWEEPER_DB = f"{cm.DB_NAME}_sweeper"
+GOAL_SWEEP_MS = 50.0
+
+
+def rss_mb(pid: int) -> float:
+    """VmRSS: the process's resident set now."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def drain(side: Taskrail, n: int, workers: int, window: int) -> None:
+    procs = cm.same_procs("solo", 1, workers)
+    print(f"drain: {n} tasks on {cm.describe_procs(procs)}")
+    t_prep = time.perf_counter()
+    jobs = side.prepare(n)
+    print(f"  submitted {n} tasks (held back) in {time.perf_counter() - t_prep:.1f}s")
+    ws = side.start(procs)
+    samples: list[tuple[float, int, list[float]]] = []  # (t, done, rss per worker)
+    try:
+        pids = [p.pid for p in ws.procs]
+        c = psycopg.connect(cm.pg_dsn(), autocommit=True)
+        t0 = time.perf_counter()
+        side.enqueue_all(jobs)
+        print(f"  enqueued {n} first hops in {time.perf_counter() - t0:.1f}s")
+        deadline = t0 + max(600.0, n / 20)
+        while True:
+            done = side.done(c)
+            samples.append((time.perf_counter() - t0, done, [rss_mb(p) for p in pids]))
+            if done >= n:
+                break
+            if time.perf_counter() > deadline:
+                ws.check_alive()
+                raise SystemExit(f"drain: only {done}/{n} done after {deadline - t0:.0f}s")
+            time.sleep(1.0)
+        notes = side.check(c, n)
+        c.close()
+    finally:
+        ws.stop()
+
+    def at(count: int) -> tuple[float, int, list[float]]:
+        return next(s for s in samples if s[1] >= count)
+
+    def rate(lo: int, hi: int) -> float:
+        a, b = at(lo), at(hi)
+        return (b[1] - a[1]) / max(1e-9, b[0] - a[0])
+
+    total_s = samples[-1][0]
+    first = rate(window, 2 * window)
+    last = rate(n - window, n)
+    rss_first, rss_end = sum(at(window)[2]), sum(samples[-1][2])
+    growth = rss_end / rss_first - 1
+    print(f"  drained {n} tasks in {total_s:.0f}s: {n / total_s:.0f} tasks/s overall")
+    print(
+        f"  throughput tasks {window}-{2 * window}: {first:.0f}/s; last {window} "
+        f"({n - window}-{n}): {last:.0f}/s; ratio {last / first:.2f}"
+    )
+    per = ", ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(at(window)[2], samples[-1][2], strict=True))
+    print(
+        f"  worker RSS at task {window}: {rss_first:.0f} MB, at the end: {rss_end:.0f} MB "
+        f"({growth * 100:+.1f}%; per worker {per} MB)"
+    )
+    for note in notes:
+        print(f"  ! {note}")
+    ok_rss = growth < 0.10
+    ok_rate = last >= 0.9 * first
+    print(f"  goal RSS growth < 10%: {'MET' if ok_rss else 'NOT MET'} ({growth * 100:+.1f}%)")
+    print(
+        f"  goal throughput at the end within 10% of that at {window}: "
+        f"{'MET' if ok_rate else 'NOT MET'} ({last / first:.2f}x)"
+    )
+
+
+def sweeper(rows: int) -> None:
+    from orchestration.db import Database
+    from orchestration.models import TaskStatus, utcnow
+    from orchestration.recovery import ACTIVE_STATUSES, _claim_sql
+
+    print(f"sweeper: {rows} tasks in database {SWEEPER_DB}")
+    cm.fresh_database(SWEEPER_DB)
+    active = max(1, rows // 100)
+    stuck = max(1, active // 10)
+    t0 = time.perf_counter()
+    with psycopg.connect(cm.pg_dsn(SWEEPER_DB), autocommit=True) as c:
+        # final tasks, hours old; then active ones: most recent, a tenth stuck for minutes
+        c.execute(
+            "INSERT INTO tasks (client_id, task_type, status, payload, attempts, "
+            "created_at, updated_at) "
+            "SELECT i, 'personal_tax', (ARRAY['completed','completed','completed','failed',"
+            "'escalated'])[1 + i %% 5], '{}'::jsonb, 1, now() - interval '3 hours', "
+            "now() - interval '2 hours' + i * interval '1 millisecond' "
+            "FROM generate_series(1, %s) i",
+            (rows - active,),
+        )
+        c.execute(
+            "INSERT INTO tasks (client_id, task_type, status, payload, attempts, "
+            "created_at, updated_at) "
+            "SELECT i, 'personal_tax', (ARRAY['pending','assigned','in_progress'])[1 + i %% 3], "
+            "'{}'::jsonb, 0, now(), CASE WHEN i <= %s THEN now() - interval '10 minutes' "
+            "ELSE now() END FROM generate_series(1, %s) i",
+            (stuck, active),
+        )
+        c.execute("VACUUM ANALYZE tasks")
+    print(
+        f"  {rows - active} final, {active} active of which {stuck} stuck; built in "
+        f"{time.perf_counter() - t0:.1f}s"
+    )
+    db = Database(cm.sqlalchemy_url(SWEEPER_DB))
+    claim = _claim_sql(True, ACTIVE_STATUSES)
+    now = utcnow()
+    from datetime import timedelta
+
+    params = {"now": now, "cutoff": now - timedelta(seconds=15), "batch": 500}
+    summary = (
+        "SELECT count(*), min(updated_at) FROM tasks WHERE status IN "
+        f"({', '.join(repr(s.value) for s in ACTIVE_STATUSES)}) AND updated_at < :cutoff"
+    )
+    from sqlalchemy import text
+
+    with db.engine.connect() as conn:
+        for label, sql in (("claim (sweeper pass, batch 500)", claim.element.text), ("stuck count", summary)):
+            trans = conn.begin()
+            plan = conn.execute(text(f"EXPLAIN (ANALYZE, BUFFERS) {sql}"), params).scalars().all()
+            trans.rollback()
+            ms = next(float(p.split(":")[1].split()[0]) for p in plan if p.startswith("Execution"))
+            print(f"  {label}: {ms:.2f} ms")
+            for p in plan:
+                print(f"    {p}")
+            if label.startswith("claim"):
+                verdict = "MET" if ms < GOAL_SWEEP_MS else "NOT MET"
+                print(f"  goal claim < {GOAL_SWEEP_MS:.0f} ms over {rows} rows: {verdict}")
+    assert TaskStatus.PENDING in ACTIVE_STATUSES
+    db.dispose()
+    with psycopg.connect(cm.pg_dsn("postgres"), autocommit=True) as c:
+        c.execute(f"DROP DATABASE IF EXISTS {SWEEPER_DB}")
+
+
+def scaling(side: Taskrail, n: int, upto: int) -> None:
+    print(f"workers: {n} tasks with 1-{upto} --pool solo worker processes")
+    base = None
+    for k in range(1, upto + 1):
+        r = throughput(side, cm.same_procs("solo", 1, k), n)
+        base = base or r["hops_s"]
+        print(fmt_tp(f"{k} worker{'s' if k > 1 else ' '}", r) + f"  x{r['hops_s'] / base:.2f}")
+        for note in r["notes"]:
+            print(f"  ! {note}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=100_000, help="tasks of the drain")
+    ap.add_argument("--window", type=int, default=10_000, help="tasks per throughput window")
+    ap.add_argument("--workers", type=int, default=2, help="solo workers of the drain")
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the sweeper table")
+    ap.add_argument("--scaling-n", type=int, default=3000)
+    ap.add_argument("--scaling-upto", type=int, default=4)
+    ap.add_argument("--skip", default="", help="comma-separated: drain, sweeper, workers")
+    args = ap.parse_args()
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.n < 3 * args.window:
+        ap.error("-n must be at least 3 windows")
+
+    log_dir = Path(tempfile.mkdtemp(prefix="taskrail-bench-scale-"))
+    print(f"# scale.py  logs in {log_dir}")
+    if "sweeper" not in skip:
+        sweeper(args.rows)
+    if skip >= {"drain", "workers"}:
+        return
+    cm.fresh_database()
+    side = Taskrail(log_dir)
+    if "workers" not in skip:
+        scaling(side, args.scaling_n, args.scaling_upto)
+    if "drain" not in skip:
+        drain(side, args.n, args.workers, args.window)
+
+
+if __name__ == "__main__":
+    main()
