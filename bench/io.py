@@ -2,9 +2,10 @@
 ``--work-ms``, default 200 ms), and what counts is how many calls the workers keep in
 flight on two cores.
 
-taskrail runs the deployment the Procfile ships: one ``--pool solo`` worker for the
-short hops (``taskrail.hops`` and ``taskrail.control``: assign, start, sweeps) and one
-``--pool threads`` worker for ``taskrail.execute`` (``--threads`` threads, default 200,
+taskrail runs the deployment the Procfile ships on a 2-core machine: ``worker`` (a
+``--pool solo`` worker for the short hops, ``taskrail.hops`` and ``taskrail.control``)
+once per core (``--hop-workers``, default 2) and ``executor`` (a ``--pool threads``
+worker for ``taskrail.execute``, ``--threads`` threads, default 200,
 ``--prefetch-multiplier 1``), so the handler's wait holds a thread, not a process, and
 no lock is held across the call (taskrail's breaker is consulted before and recorded
 after it). The hand-written baseline runs as Celery runs by default, ``--pool prefork
@@ -59,7 +60,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=3000, help="taskrail tasks")
     ap.add_argument("--work-ms", type=float, default=200.0, help="handler wait per task")
     ap.add_argument("--threads", type=int, default=200, help="threads of the execute worker")
-    ap.add_argument("--hop-workers", type=int, default=1, help="solo workers for short hops")
+    ap.add_argument("--hop-workers", type=int, default=2, help="solo workers for short hops")
     ap.add_argument("--baseline-n", type=int, default=200, help="baseline tasks (prefork -c 2)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--taskrail-log-level", default="INFO")

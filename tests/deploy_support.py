@@ -22,7 +22,7 @@ from honcho.environ import parse_procfile
 from tests.support import REPO
 
 # The Procfile's processes the compose file must run with the same command.
-SHARED_PROCESSES = ("worker", "beat", "flower", "metrics")
+SHARED_PROCESSES = ("worker", "executor", "beat", "flower", "metrics")
 # Options that say where to listen: a laptop binds loopback, a container every interface.
 BIND_OPTIONS = ("--address", "--host")
 

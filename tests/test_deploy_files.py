@@ -33,8 +33,8 @@ from tests.deploy_support import (
 from tests.support import PG_ADMIN_URL, REPO
 
 BIN = Path(sys.executable).parent
-SERVICES = ("postgres", "redis", "migrate", "worker", "beat", "flower", "metrics")
-APP_SERVICES = ("worker", "beat", "flower", "metrics")
+SERVICES = ("postgres", "redis", "migrate", "worker", "executor", "beat", "flower", "metrics")
+APP_SERVICES = ("worker", "executor", "beat", "flower", "metrics")
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -94,9 +94,16 @@ def test_procfile_and_compose_run_the_same_commands() -> None:
     assert set(SHARED_PROCESSES) <= set(procs)
     for name in SHARED_PROCESSES:
         assert command_words(procs[name]) == command_words(_compose_command(services[name])), name
+    # Between them, worker and executor consume every queue: the short hops one at a
+    # time, the handlers on threads with one message prefetched per thread.
     worker = command_words(procs["worker"])
     assert worker[:4] == ["celery", "-A", "workers", "worker"]
-    assert "--queues=taskrail.hops,taskrail.execute,taskrail.control" in worker
+    assert "--queues=taskrail.hops,taskrail.control" in worker
+    assert "--pool=solo" in worker
+    executor = command_words(procs["executor"])
+    assert executor[:4] == ["celery", "-A", "workers", "worker"]
+    assert "--queues=taskrail.execute" in executor
+    assert "--pool=threads" in executor and "--prefetch-multiplier=1" in executor
     assert command_words(procs["beat"])[:4] == ["celery", "-A", "workers", "beat"]
     assert command_words(procs["flower"])[:4] == ["celery", "-A", "workers", "flower"]
     assert command_words(procs["metrics"])[:2] == ["taskrail", "metrics"]

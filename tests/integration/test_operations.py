@@ -282,7 +282,7 @@ def test_procfile_runs_under_honcho(
     # Given 20 tasks whose messages were lost (a Redis restart) before anything runs
     lost = api.submit_many(_demo_items(20))
     purge(broker_url, KEY_PREFIX)
-    # When `honcho start` runs the Procfile: worker, beat (sweeping every second), flower
+    # When `honcho start` runs the Procfile: worker, executor, beat (sweeping every second), flower
     # and metrics, with their credentials
     flower_port, metrics_port = spare_port(), spare_port()
     env = _with_venv(
@@ -316,7 +316,7 @@ def test_procfile_runs_under_honcho(
         assert len(statuses) == 40
         assert "task_redriven" in read(log)
         # and compose's health checks pass against the worker and beat
-        checks = [_shell_healthcheck(name, env) for name in ("worker", "beat")]
+        checks = [_shell_healthcheck(name, env) for name in ("worker", "executor", "beat")]
         for check in checks:
             output, _ = check.communicate(timeout=60)
             assert check.returncode == 0, output
@@ -344,8 +344,8 @@ def test_procfile_runs_under_honcho(
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
             stop(honcho)
-    assert len(_honcho_children(log)) == 4, read(log)[-3000:]
-    assert read(log).count(" stopped (rc=") == 4, read(log)[-3000:]
+    assert len(_honcho_children(log)) == 5, read(log)[-3000:]
+    assert read(log).count(" stopped (rc=") == 5, read(log)[-3000:]
 
 
 def _purge_rabbitmq(url: str, settings: Settings) -> int:
