@@ -2,9 +2,11 @@
 
 Three parts, each optional (``--skip drain,sweeper,workers``):
 
-- **drain**: ``-n`` tasks (default 100,000; demo agents, no-op handlers) submitted up
-  front, then drained by ``--workers`` ``--pool solo`` workers. Every second the driver
-  samples how many tasks are final and each worker's resident set (VmRSS). Printed:
+- **drain**: ``-n`` tasks (default 100,000; demo agents, no-op handlers) fed to
+  ``--workers`` running ``--pool solo`` workers with ``submit_many``, 1,000 at a time
+  whenever fewer than ``--backlog`` (5,000) are unfinished, so tasks finish at a steady
+  rate. Every second the driver samples how many tasks are final and each worker's
+  resident set (VmRSS). Printed:
   throughput over the 10,000 tasks after the 10,000th and over the last 10,000, and the
   workers' RSS when the 10,000th task was final and at the end. Goals (issue 8): RSS
   growth < 10%, the last window's throughput within 10% of the first's.
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as cm
 import psycopg
-from sides import Taskrail, fmt_tp, throughput
+from sides import TASK_TYPES, Taskrail, fmt_tp, throughput
 
 SWEEPER_DB = f"{cm.DB_NAME}_sweeper"
 GOAL_SWEEP_MS = 50.0
@@ -50,33 +52,53 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def drain(side: Taskrail, n: int, workers: int, window: int) -> None:
+def drain(side: Taskrail, n: int, workers: int, window: int, backlog: int) -> None:
+    """Feed ``n`` tasks (submit_many, 1,000 at a time, whenever fewer than ``backlog``
+    are unfinished) to running workers and sample progress and memory every second."""
     procs = cm.same_procs("solo", 1, workers)
-    print(f"drain: {n} tasks on {cm.describe_procs(procs)}")
-    t_prep = time.perf_counter()
-    jobs = side.prepare(n)
-    print(f"  submitted {n} tasks (held back) in {time.perf_counter() - t_prep:.1f}s")
+    print(f"drain: {n} tasks on {cm.describe_procs(procs)}, at most {backlog} unfinished")
+    with psycopg.connect(cm.pg_dsn(), autocommit=True) as c:
+        c.execute("TRUNCATE tasks, task_events RESTART IDENTITY CASCADE")
     ws = side.start(procs)
-    samples: list[tuple[float, int, list[float]]] = []  # (t, done, rss per worker)
+    producer = side.producer()
+    payload = side.payload(0)
+    samples: list[tuple[float, int, list[float]]] = []  # (t, final tasks, RSS per worker)
     try:
         pids = [p.pid for p in ws.procs]
         c = psycopg.connect(cm.pg_dsn(), autocommit=True)
-        t0 = time.perf_counter()
-        side.enqueue_all(jobs)
-        print(f"  enqueued {n} first hops in {time.perf_counter() - t0:.1f}s")
+        submitted, t0 = 0, time.perf_counter()
+        next_sample = t0
         deadline = t0 + max(600.0, n / 20)
         while True:
-            done = side.done(c)
-            samples.append((time.perf_counter() - t0, done, [rss_mb(p) for p in pids]))
+            # unfinished tasks: the sweeper's partial index answers this at any table size
+            active = c.execute(
+                "SELECT count(*) FROM tasks WHERE status IN ('pending', 'assigned', 'in_progress')"
+            ).fetchone()[0]
+            done = submitted - active
+            now = time.perf_counter()
+            if now >= next_sample or done >= n:
+                samples.append((now - t0, done, [rss_mb(p) for p in pids]))
+                next_sample += 1.0
             if done >= n:
                 break
-            if time.perf_counter() > deadline:
+            if submitted < n and active < backlog:
+                k = min(1000, n - submitted)
+                producer.submit_many(
+                    [
+                        side.NewTask(TASK_TYPES[i % 3], i, payload)
+                        for i in range(submitted, submitted + k)
+                    ]
+                )
+                submitted += k
+                continue
+            if now > deadline:
                 ws.check_alive()
                 raise SystemExit(f"drain: only {done}/{n} done after {deadline - t0:.0f}s")
-            time.sleep(1.0)
+            time.sleep(0.1)
         notes = side.check(c, n)
         c.close()
     finally:
+        producer.close()
         ws.stop()
 
     def at(count: int) -> tuple[float, int, list[float]]:
@@ -192,6 +214,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=100_000, help="tasks of the drain")
     ap.add_argument("--window", type=int, default=10_000, help="tasks per throughput window")
     ap.add_argument("--workers", type=int, default=2, help="solo workers of the drain")
+    ap.add_argument("--backlog", type=int, default=5000, help="unfinished tasks at most")
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the sweeper table")
     ap.add_argument("--scaling-n", type=int, default=3000)
     ap.add_argument("--scaling-upto", type=int, default=4)
@@ -212,7 +235,7 @@ def main() -> None:
     if "workers" not in skip:
         scaling(side, args.scaling_n, args.scaling_upto)
     if "drain" not in skip:
-        drain(side, args.n, args.workers, args.window)
+        drain(side, args.n, args.workers, args.window, args.backlog)
 
 
 if __name__ == "__main__":
