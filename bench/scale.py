@@ -118,6 +118,8 @@ def drain(side: Taskrail, n: int, workers: int, window: int, backlog: int) -> No
         f"  throughput tasks {window}-{2 * window}: {first:.0f}/s; last {window} "
         f"({n - window}-{n}): {last:.0f}/s; ratio {last / first:.2f}"
     )
+    windows = " ".join(f"{rate(k, k + window):.0f}" for k in range(0, n - window + 1, window))
+    print(f"  tasks/s per window of {window} tasks, in order: {windows}")
     per = ", ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(at(window)[2], samples[-1][2], strict=True))
     print(
         f"  worker RSS at task {window}: {rss_first:.0f} MB, at the end: {rss_end:.0f} MB "
