@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as cm
 import psycopg
-from sides import Baseline, Noop, Side, Taskrail, fmt_tp, latency, throughput
+from sides import Baseline, Noop, Side, Taskrail, fmt_tp, latency, summary, throughput
 
 VERDICT = {True: "MET", False: "NOT MET"}
 
@@ -101,6 +101,7 @@ def main() -> None:
         default=100,
         help="samples of taskrail's api.submit()->completed latency (0: skip)",
     )
+    ap.add_argument("--latency-rounds", type=int, default=2, help="latency rounds per side")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument(
         "--count-n",
@@ -155,16 +156,26 @@ def main() -> None:
 
     lat: dict[str, dict[str, dict[str, float]]] = {}
     if not args.no_latency:
-        for side in (baseline, taskrail):
-            lat[side.name] = latency(
-                side,
-                procs,
-                args.latency_n,
-                args.latency_warmup,
-                args.gap_ms / 1000,
-                0.001,
-                args.submit_latency_n if side is taskrail else 0,
-            )
+        # Rounds alternate the sides, so that a slow spell of the machine does not fall
+        # on one side only; the samples of all rounds are pooled.
+        pooled: dict[str, dict[str, list[float]]] = {"baseline": {}, "taskrail": {}}
+        for _ in range(args.latency_rounds):
+            for side in (baseline, taskrail):
+                got = latency(
+                    side,
+                    procs,
+                    args.latency_n,
+                    args.latency_warmup,
+                    args.gap_ms / 1000,
+                    0.001,
+                    args.submit_latency_n if side is taskrail else 0,
+                )
+                for kind, xs in got.items():
+                    pooled[side.name].setdefault(kind, []).extend(xs)
+        lat = {
+            name: {kind: summary(xs) for kind, xs in kinds.items()}
+            for name, kinds in pooled.items()
+        }
     rt: dict[str, dict[str, Any]] = {}
     if args.count_n:
         for side in (baseline, taskrail):
@@ -241,13 +252,15 @@ def main() -> None:
     if lat:
         print(
             f"latency submit->completed, ms (idle workers, 1 task at a time, {args.latency_n} "
-            f"samples after {args.latency_warmup} warm-up, {args.gap_ms:g} ms gap):"
+            f"samples after {args.latency_warmup} warm-up per round, {args.latency_rounds} "
+            f"rounds alternating the sides, {args.gap_ms:g} ms gap):"
         )
         for name in ("baseline", "taskrail"):
             for kind, v in lat[name].items():
                 print(
                     f"  {name:8s} {kind:8s} p50 {v['p50']:6.2f}  p95 {v['p95']:6.2f}  "
-                    f"p99 {v['p99']:6.2f}  (min {v['min']:.2f}, max {v['max']:.2f})"
+                    f"p99 {v['p99']:6.2f}  (min {v['min']:.2f}, max {v['max']:.2f}; "
+                    f"{v['n']:.0f} samples)"
                 )
         for p, goal in (("p50", 1.2), ("p99", 1.5)):
             ratio = lat["taskrail"]["observed"][p] / lat["baseline"]["observed"][p]

@@ -62,7 +62,8 @@ def drain(side: Taskrail, n: int, workers: int, window: int, backlog: int) -> No
     ws = side.start(procs)
     producer = side.producer()
     payload = side.payload(0)
-    samples: list[tuple[float, int, list[float]]] = []  # (t, final tasks, RSS per worker)
+    # (t, final tasks, RSS per worker, CPU seconds of all workers)
+    samples: list[tuple[float, int, list[float], float]] = []
     try:
         pids = [p.pid for p in ws.procs]
         c = psycopg.connect(cm.pg_dsn(), autocommit=True)
@@ -77,7 +78,8 @@ def drain(side: Taskrail, n: int, workers: int, window: int, backlog: int) -> No
             done = submitted - active
             now = time.perf_counter()
             if now >= next_sample or done >= n:
-                samples.append((now - t0, done, [rss_mb(p) for p in pids]))
+                cpu = cm.cpu_s(ws.pids())
+                samples.append((now - t0, done, [rss_mb(p) for p in pids], cpu))
                 next_sample += 1.0
             if done >= n:
                 break
@@ -101,12 +103,16 @@ def drain(side: Taskrail, n: int, workers: int, window: int, backlog: int) -> No
         producer.close()
         ws.stop()
 
-    def at(count: int) -> tuple[float, int, list[float]]:
+    def at(count: int) -> tuple[float, int, list[float], float]:
         return next(s for s in samples if s[1] >= count)
 
     def rate(lo: int, hi: int) -> float:
         a, b = at(lo), at(hi)
         return (b[1] - a[1]) / max(1e-9, b[0] - a[0])
+
+    def cpu_ms(lo: int, hi: int) -> float:
+        a, b = at(lo), at(hi)
+        return (b[3] - a[3]) * 1000 / max(1, b[1] - a[1])
 
     total_s = samples[-1][0]
     first = rate(window, 2 * window)
@@ -114,12 +120,19 @@ def drain(side: Taskrail, n: int, workers: int, window: int, backlog: int) -> No
     rss_first, rss_end = sum(at(window)[2]), sum(samples[-1][2])
     growth = rss_end / rss_first - 1
     print(f"  drained {n} tasks in {total_s:.0f}s: {n / total_s:.0f} tasks/s overall")
+    cpu_first, cpu_last = cpu_ms(window, 2 * window), cpu_ms(n - window, n)
     print(
         f"  throughput tasks {window}-{2 * window}: {first:.0f}/s; last {window} "
-        f"({n - window}-{n}): {last:.0f}/s; ratio {last / first:.2f}"
+        f"({n - window}-{n}): {last:.0f}/s; ratio {last / first:.2f} (worker CPU per task "
+        f"{cpu_first:.2f} -> {cpu_last:.2f} ms, {cpu_last / cpu_first:.2f}x)"
     )
-    windows = " ".join(f"{rate(k, k + window):.0f}" for k in range(0, n - window + 1, window))
-    print(f"  tasks/s per window of {window} tasks, in order: {windows}")
+    starts = range(0, n - window + 1, window)
+    print(
+        f"  per window of {window} tasks, in order: tasks/s "
+        + " ".join(f"{rate(k, k + window):.0f}" for k in starts)
+        + "; worker CPU ms/task "
+        + " ".join(f"{cpu_ms(k, k + window):.2f}" for k in starts)
+    )
     per = ", ".join(f"{a:.0f}->{b:.0f}" for a, b in zip(at(window)[2], samples[-1][2], strict=True))
     print(
         f"  worker RSS at task {window}: {rss_first:.0f} MB, at the end: {rss_end:.0f} MB "

@@ -336,8 +336,9 @@ def latency(
     gap_s: float,
     poll_s: float,
     submit_n: int = 0,
-) -> dict[str, dict[str, float]]:
-    """Idle workers, one task at a time (shared/bench/latency_naive.py's method)."""
+) -> dict[str, list[float]]:
+    """Idle workers, one task at a time (shared/bench/latency_naive.py's method): the
+    samples in ms, by kind (observed, server, and submit for taskrail)."""
     ws = side.start(procs)
     out: dict[str, list[float]] = {"observed": [], "server": []}
     try:
@@ -376,14 +377,17 @@ def latency(
         c.close()
     finally:
         ws.stop()
+    return out
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    """p50/p95/p99, min, max and mean of latency samples (ms)."""
     return {
-        name: {
-            "p50": cm.pct(xs, 50),
-            "p95": cm.pct(xs, 95),
-            "p99": cm.pct(xs, 99),
-            "min": min(xs),
-            "max": max(xs),
-            "mean": statistics.mean(xs),
-        }
-        for name, xs in out.items()
+        "p50": cm.pct(xs, 50),
+        "p95": cm.pct(xs, 95),
+        "p99": cm.pct(xs, 99),
+        "min": min(xs),
+        "max": max(xs),
+        "mean": statistics.mean(xs),
+        "n": len(xs),
     }
