@@ -138,16 +138,21 @@ def cpu_s(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    """VmHWM: the process's peak resident set size."""
+def status_mb(pid: int, field: str) -> float | None:
+    """A memory field of /proc/<pid>/status (``VmHWM``, ``VmRSS``) in MB."""
     try:
         with open(f"/proc/{pid}/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) / 1024.0
     except OSError:
         return None
     return None
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """VmHWM: the process's peak resident set size."""
+    return status_mb(pid, "VmHWM")
 
 
 @dataclass

@@ -41,15 +41,8 @@ GOAL_SWEEP_MS = 50.0
 
 
 def rss_mb(pid: int) -> float:
-    """VmRSS: the process's resident set now."""
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return 0.0
+    """VmRSS: the process's resident set now (0 for a process gone)."""
+    return cm.status_mb(pid, "VmRSS") or 0.0
 
 
 def drain(side: Taskrail, n: int, workers: int, window: int, backlog: int) -> None:

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 
 import orjson
 from sqlalchemy import func, select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.dialects import sqlite
 
 from orchestration import constants as c
 from orchestration.agents import load_agent_modules, registry
@@ -181,7 +181,7 @@ class Taskrail:
             )
         if not rows:
             return []
-        created = self._insert_postgres(rows) if self.db.is_postgres else self._insert(rows)
+        created = self._insert_postgres(rows) if self.db.is_postgres else self._insert_sqlite(rows)
         fresh = [
             (task_id, row.task_type)
             for (task_id, is_new), row in zip(created, rows, strict=True)
@@ -225,26 +225,25 @@ class Taskrail:
             for task_id, is_new, key in created
         ]
 
-    def _insert(self, new_rows: list[_Row]) -> list[tuple[int, bool]]:
-        """Insert ``rows`` with SQLAlchemy (SQLite); returns (id, created) per row,
+    def _insert_sqlite(self, new_rows: list[_Row]) -> list[tuple[int, bool]]:
+        """Insert ``new_rows`` with SQLAlchemy; returns (id, created) per row,
         resolving idempotency keys."""
         now = utcnow()
         rows = [row._asdict() for row in new_rows]
         for row in rows:
             row.update(status=TaskStatus.PENDING, attempts=0, created_at=now, updated_at=now)
             row["payload"] = json.loads(row["payload"])
-        dialect = postgresql if self.db.is_postgres else sqlite
         keyed = [row for row in rows if row["idempotency_key"] is not None]
         with self.db.begin() as conn:
             if not keyed:
-                stmt = dialect.insert(tasks_table).returning(
+                stmt = sqlite.insert(tasks_table).returning(
                     tasks_table.c.id, sort_by_parameter_order=True
                 )
                 ids = conn.execute(stmt, rows).scalars().all()
                 return [(task_id, True) for task_id in ids]
             result: list[tuple[int, bool]] = []
             stmt = (
-                dialect.insert(tasks_table)
+                sqlite.insert(tasks_table)
                 .on_conflict_do_nothing(index_elements=["idempotency_key"])
                 .returning(tasks_table.c.id)
             )

@@ -107,8 +107,9 @@ _IN_PROCESS_POOLS = ("celery.concurrency.solo", "celery.concurrency.thread")
 def _warm_up_and_freeze(sender: Any = None, **_: object) -> None:
     pool = getattr(sender, "pool", None)
     if type(pool).__module__ in _IN_PROCESS_POOLS and getattr(sender, "app", None):
-        warm_up(sender.app)
-    freeze_heap()
+        warm_up(sender.app)  # building the runtime freezes the heap
+    else:
+        freeze_heap()
 
 
 def warm_up(app: Celery) -> None:
