@@ -17,12 +17,13 @@ from celery import Celery
 from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from orchestration import constants as c
 from orchestration import (
+    codec,
     localbroker,  # noqa: F401  (registers the embedded transport)
     protocol,
     redisbroker,
 )
+from orchestration import constants as c
 from orchestration.errors import BrokerUnavailable
 from orchestration.redact import redact_text, redact_url
 from orchestration.settings import Settings
@@ -70,7 +71,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
-        "event_serializer": "json",
+        # Task events for Flower: JSON too, encoded by orjson (orchestration.codec).
+        "event_serializer": codec.EVENTS_SERIALIZER,
         "result_backend": None,
         "task_ignore_result": True,
         # At-least-once: ack after the hop ran; a killed worker's message goes back.
@@ -97,6 +99,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def make_celery(settings: Settings, main: str = "taskrail") -> Celery:
+    codec.install()
     app = Celery(main, set_as_current=False)
     app.conf.update(celery_config(settings))
     return app

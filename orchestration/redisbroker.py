@@ -49,9 +49,9 @@ import redis
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
 
 from orchestration import constants as c
+from orchestration.codec import loads
 from orchestration.logging import get_logger
 
 log = get_logger("taskrail.broker")
