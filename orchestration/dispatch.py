@@ -215,10 +215,8 @@ class Dispatcher:
             items = iter(args_list)
             lineage = protocol.current_lineage()
             while chunk := list(itertools.islice(items, PUBLISH_BATCH)):
-                self._push(
-                    channel,
-                    ((queue, protocol.envelope(hop, a, queue, lineage=lineage)) for a in chunk),
-                )
+                encoded = protocol.encoded_envelopes(hop, chunk, queue, lineage=lineage)
+                self._push(channel, ((queue, message) for message in encoded))
                 sent += len(chunk)
             return sent
         try:

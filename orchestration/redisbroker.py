@@ -376,15 +376,18 @@ class Channel(kombu_redis.Channel):
 
     # -- publishing -----------------------------------------------------------------
 
-    def push(self, messages: Iterable[tuple[str, dict[str, Any]]]) -> None:
-        """Put prebuilt envelopes (:func:`orchestration.protocol.envelope`) on their queues.
+    def push(self, messages: Iterable[tuple[str, dict[str, Any] | bytes]]) -> None:
+        """Put prebuilt envelopes (:func:`orchestration.protocol.envelope`, or already
+        encoded by :func:`orchestration.protocol.encoded_envelopes`) on their queues.
 
         What ``basic_publish`` to the default exchange does, without kombu's routing
         machinery; several messages go in one pipeline. Each envelope is encoded as it
         comes, so a generator of them never holds more than one. Raises the channel's
         connection errors.
         """
-        encoded = [(self._key(q), orjson.dumps(m)) for q, m in messages]
+        encoded = [
+            (self._key(q), m if isinstance(m, bytes) else orjson.dumps(m)) for q, m in messages
+        ]
         if _on_loop_thread():
             self._pending_pushes += encoded
             _deferred.add(self)

@@ -263,3 +263,19 @@ def test_many_threads_publishing_at_once_wait_for_a_connection(
     assert errors == []
     sent = sorted(hop_args(m)[0] for m in client.lrange(f"{prefix}q", 0, -1))
     assert sent == sorted(k * 100 + i for k in range(100) for i in range(20))
+
+
+def test_a_batch_of_encoded_envelopes_reaches_kombus_own_transport(
+    broker_url: str, prefix: str
+) -> None:
+    encoded = protocol.encoded_envelopes(
+        "taskrail.start", [[1], [2], [3]], "q", lineage=(None, None)
+    )
+    with ours(broker_url, prefix) as conn:
+        conn.default_channel.push([("q", message) for message in encoded])
+    with stock(broker_url, prefix) as conn:
+        got = []
+        while len(got) < 3:
+            got += consume(conn, prefetch=10, ack=True)
+    assert [m.headers["task"] for m in got] == ["taskrail.start"] * 3
+    assert [json.loads(m.body)[0] for m in got] == [[1], [2], [3]]  # in order
