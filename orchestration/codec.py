@@ -34,7 +34,7 @@ CONTENT_TYPE = "application/json"
 _STRICT = (
     orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_SUBCLASS
-    | (orjson.OPT_PASSTHROUGH_DATACLASS)
+    | orjson.OPT_PASSTHROUGH_DATACLASS
 )
 
 

@@ -77,12 +77,9 @@ def envelope(
     root_id, parent_id = lineage if lineage is not None else current_lineage()
     root_id = root_id or task_id
     args = list(args)
-    body = orjson.dumps([args, {}, _EMBED])
-    argsrepr = repr(args)
-    if len(argsrepr) > ARGSREPR_MAX:
-        argsrepr = argsrepr[: ARGSREPR_MAX - 3] + "..."
+    argsrepr = _argsrepr(args)
     message: dict[str, Any] = {
-        "body": base64.b64encode(body).decode(),
+        "body": _body(args),
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": {
@@ -184,24 +181,31 @@ def encoded_envelopes(
         raise AssertionError(f"unexpected envelope template: {len(order)} gaps")
     p0, p1, p2, p3, p4, p5, p6 = pieces
     o0, o1, o2, o3, o4, o5 = order
-    b64, dumps = base64.b64encode, orjson.dumps
     out: list[bytes] = []
     for args, task_id in zip(args_list, uuid4_strings(len(args_list)), strict=True):
         if type(args) is not list:
             args = list(args)
-        argsrepr = repr(args)
-        if len(argsrepr) > ARGSREPR_MAX:
-            argsrepr = argsrepr[: ARGSREPR_MAX - 3] + "..."
         v = (
-            '"' + b64(dumps([args, {}, _EMBED])).decode() + '"',
+            '"' + _body(args) + '"',
             '"' + task_id + '"',
             '"' + (root_id or task_id) + '"',
-            dumps(argsrepr).decode(),
+            orjson.dumps(_argsrepr(args)).decode(),
         )
         out.append(
             "".join((p0, v[o0], p1, v[o1], p2, v[o2], p3, v[o3], p4, v[o4], p5, v[o5], p6)).encode()
         )
     return out
+
+
+def _body(args: list[Any]) -> str:
+    """The message body: Celery's (args, kwargs, embed), JSON, base64 as kombu sends it."""
+    return base64.b64encode(orjson.dumps([args, {}, _EMBED])).decode()
+
+
+def _argsrepr(args: list[Any]) -> str:
+    """What Flower and the logs show of the arguments, cut as Celery cuts it."""
+    text = repr(args)
+    return text if len(text) <= ARGSREPR_MAX else text[: ARGSREPR_MAX - 3] + "..."
 
 
 def _find_all(text: str, needle: str) -> list[int]:
