@@ -30,10 +30,26 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+# How long a statement waits for a free pooled connection before the database counts
+# as unavailable.
+POOL_TIMEOUT_S = 30.0
+
+
+def _pool_exhausted(where: str, timeout_s: float) -> DatabaseUnavailable:
+    return DatabaseUnavailable(where, f"no free connection in the pool after {timeout_s:g}s")
+
+
 class Database:
     """A pooled engine plus the schema check. Safe to share between threads."""
 
-    def __init__(self, url: str, *, pool_size: int = 5, auto_upgrade: bool | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 5,
+        pool_timeout_s: float = POOL_TIMEOUT_S,
+        auto_upgrade: bool | None = None,
+    ) -> None:
         self.url = make_url(url)
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         self.is_postgres = self.url.get_backend_name() == "postgresql"
@@ -46,7 +62,14 @@ class Database:
                 Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
+            # A fixed set of connections, opened once and kept. With overflow, every
+            # burst of a threads worker (handlers that finish together) opened extra
+            # connections and closed them on return: a new server process, a login and
+            # re-prepared statements each time, hundreds per thousand tasks. A thread
+            # now waits for a free connection (statements are short) instead.
+            kwargs.update(
+                pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout_s, pool_recycle=3600
+            )
             if self.is_postgres:
                 kwargs["connect_args"] = {"connect_timeout": 5}
         self.engine: Engine = create_engine(self.url, **kwargs)
@@ -65,6 +88,7 @@ class Database:
             dbapi.OperationalError,
             dbapi.InterfaceError,
         )
+        self.pool_timeout_s = pool_timeout_s
         self._schema_ok = False
         self._schema_lock = threading.Lock()
 
@@ -91,6 +115,8 @@ class Database:
             conn = (self.autocommit_engine if autocommit else self.engine).connect()
         except exc.DBAPIError as err:
             raise self._unavailable(err) from err
+        except exc.TimeoutError as err:
+            raise _pool_exhausted(self.where, self.pool_timeout_s) from err
         try:
             yield conn
         except exc.DBAPIError as err:
@@ -113,6 +139,8 @@ class Database:
             fairy = self.autocommit_engine.raw_connection()
         except exc.DBAPIError as err:
             raise self._unavailable(err) from err
+        except exc.TimeoutError as err:
+            raise _pool_exhausted(self.where, self.pool_timeout_s) from err
         try:
             yield fairy.driver_connection
         except self._dbapi_errors as err:
