@@ -62,18 +62,23 @@ def test_no_free_connection_within_the_timeout_is_a_clear_database_error(
     with small_db.driver_connection(), small_db.driver_connection():
         # When a third statement wants one
         began = time.monotonic()
-        with pytest.raises(DatabaseUnavailable, match="no free connection in the pool"):
-            with small_db.driver_connection():
-                pass
+        with (
+            pytest.raises(DatabaseUnavailable, match="no free connection in the pool"),
+            small_db.driver_connection(),
+        ):
+            pass
         # Then it gave up after the pool timeout, not at once and not forever
         assert 0.25 <= time.monotonic() - began < 5
 
 
 def test_the_transactional_pool_is_fixed_too(small_db: Database) -> None:
-    with small_db.connect(), small_db.connect():
-        with pytest.raises(DatabaseUnavailable, match="no free connection in the pool"):
-            with small_db.connect() as conn:
-                conn.execute(text("SELECT 1"))
+    with (
+        small_db.connect(),
+        small_db.connect(),
+        pytest.raises(DatabaseUnavailable, match="no free connection in the pool"),
+        small_db.connect() as conn,
+    ):
+        conn.execute(text("SELECT 1"))
     # and once they are back, the next statement gets one
     with small_db.begin() as conn:
         assert conn.execute(text("SELECT 1")).scalar_one() == 1
