@@ -14,11 +14,13 @@ from typing import Any
 
 import structlog
 
-from orchestration.redact import redact_text, redact_value
+from orchestration.redact import redact_fields, redact_text
 
 
-def _redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
-    return {k: redact_value(k, v) for k, v in event_dict.items()}
+def _redact(
+    _logger: Any, _name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    return redact_fields(event_dict)  # structlog hands each event its own dict
 
 
 def _hop_duration(

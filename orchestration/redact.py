@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import MutableMapping
 from typing import Any
 
 # scheme://user:password@host  ->  scheme://user:***@host
@@ -23,12 +25,35 @@ def redact_text(text: str) -> str:
     return _URL_PASSWORD.sub(lambda m: m.group("head") + MASK, text)
 
 
+@functools.lru_cache(maxsize=4096)
+def names_secret(key: str) -> bool:
+    """Whether a field called ``key`` holds a secret (a log line's keys are few and repeat)."""
+    return key.lower() in _SECRET_KEYS
+
+
+# Values that can never carry a secret of their own (their key still can).
+_PLAIN = (int, float, bool, type(None))
+
+
 def redact_value(key: str, value: Any) -> Any:
     """A log field's value, masked when its key names a secret or it holds a URL."""
-    if key.lower() in _SECRET_KEYS and value is not None:
+    if names_secret(key) and value is not None:
         return MASK
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, BaseException):
         return redact_text(str(value))
     return value
+
+
+def redact_fields(fields: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """:func:`redact_value` applied to every field of ``fields``, in place."""
+    for key, value in fields.items():
+        if names_secret(key) and value is not None:
+            fields[key] = MASK
+        elif type(value) is str:
+            if "://" in value:
+                fields[key] = redact_text(value)
+        elif not isinstance(value, _PLAIN):
+            fields[key] = redact_value(key, value)
+    return fields

@@ -231,3 +231,26 @@ def test_stdlib_below_warning_is_not_written(configured: Any) -> None:
     logging.getLogger("x").info("chatty %s", PG_URL)
 
     assert stream.getvalue() == ""
+
+
+def test_redact_fields_masks_in_place_what_redact_value_masks() -> None:
+    from orchestration.redact import redact_fields, redact_value
+
+    fields: dict[str, Any] = {
+        "Authorization": "Bearer abc",
+        "token": None,  # nothing to hide
+        "url": PG_URL,
+        "plain": "no url here",
+        "error": ConnectionError(f"cannot reach {REDIS_URL}"),
+        "n": 3,
+        "flag": True,
+    }
+    expected = {k: redact_value(k, v) for k, v in fields.items()}
+
+    out = redact_fields(fields)
+
+    assert out is fields
+    assert fields == expected
+    assert fields["Authorization"] == "***"
+    assert fields["token"] is None
+    assert SECRET not in repr(fields)
