@@ -55,18 +55,35 @@ class TaskStateMachine(StateMachine):
         super().__init__(model=task, state_field="status", **kwargs)
 
     def on_assign(self, agent: str) -> None:
-        self.task.assigned_agent = agent
+        self._apply_fields("assign", agent)
 
     def on_complete(self) -> None:
-        self.task.completed_at = utcnow()
+        self._apply_fields("complete")
 
     def on_retry(self) -> None:
-        self.task.assigned_agent = None
-        self.task.completed_at = None
-        self.task.attempts = 0
+        self._apply_fields("retry")
+
+    def _apply_fields(self, event: str, agent: str | None = None) -> None:
+        for name, value in move_fields(event, agent).items():
+            setattr(self.task, name, value)
 
 
 EVENTS: tuple[str, ...] = ("assign", "start", "complete", "fail", "escalate", "retry")
+
+
+def move_fields(event: str, agent: str | None = None) -> dict[str, Any]:
+    """The fields a move sets on the task besides ``status``.
+
+    The machine's callbacks (``on_assign``, ``on_complete``, ``on_retry``) apply exactly
+    these; the transition store writes them with the status.
+    """
+    if event == "assign":
+        return {"assigned_agent": agent}
+    if event == "complete":
+        return {"completed_at": utcnow()}
+    if event == "retry":
+        return {"assigned_agent": None, "completed_at": None, "attempts": 0}
+    return {}
 
 
 def create_state_machine(task: Any, session: Session | None = None) -> TaskStateMachine:
@@ -79,4 +96,5 @@ __all__ = [
     "TaskStateMachine",
     "TransitionNotAllowed",
     "create_state_machine",
+    "move_fields",
 ]
