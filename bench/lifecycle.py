@@ -25,6 +25,7 @@ usage: python bench/lifecycle.py [-n 3000] [--rounds 3] [--pool solo --workers 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -47,8 +48,10 @@ def round_trips(side: Side, procs: list[cm.Proc], n: int) -> dict[str, Any]:
     (after a few untimed tasks that let every worker process connect)."""
     warm = 20  # first hops of each process connect and check the schema: not counted
     ws = side.start(procs)
+    vacuum = contextlib.ExitStack()
     try:
         jobs = side.prepare(n + warm)
+        vacuum.enter_context(cm.autovacuum_off())  # its runs count as transactions too
         c = psycopg.connect(cm.pg_dsn(), autocommit=True)
         side.enqueue_all(jobs[:warm])
         while side.done(c) < warm:
@@ -72,7 +75,8 @@ def round_trips(side: Side, procs: list[cm.Proc], n: int) -> dict[str, Any]:
         ws.stop()
     mon.stop()
     time.sleep(0.6)  # exited backends report their statistics
-    pg1 = cm.pg_counters()
+    with vacuum:
+        pg1 = cm.pg_counters()
     hops = 3 * n
     return {
         "pg_xact_hop": (pg1["xact"] - pg0["xact"] - polls - 2) / hops,
