@@ -160,6 +160,25 @@ def cpu_s(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def servers_cpu_s(names: tuple[str, ...] = ("postgres", "redis-server")) -> dict[str, float]:
+    """CPU seconds used so far by every process whose name is one of ``names`` (the
+    database's backends, the Redis server), by name."""
+    out = dict.fromkeys(names, 0.0)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                head, tail = fh.read().rsplit(")", 1)
+        except OSError:
+            continue
+        name = head.split("(", 1)[1]
+        if name in out:
+            fields = tail.split()
+            out[name] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def status_mb(pid: int, field: str) -> float | None:
     """A memory field of /proc/<pid>/status (``VmHWM``, ``VmRSS``) in MB."""
     try:
@@ -190,6 +209,10 @@ class WorkerSet:
         for p in self.procs:
             out += process_tree(p.pid)
         return out
+
+    def pids_of(self, k: int) -> list[int]:
+        """The ``k``-th worker process and its pool's children."""
+        return process_tree(self.procs[k].pid)
 
     def check_alive(self) -> None:
         for p, log in zip(self.procs, self.log_paths, strict=True):

@@ -53,8 +53,16 @@ def line(name: str, r: dict, work_ms: float) -> str:
         f"  {name:9s} {r['tasks_s']:7.0f} tasks/s  ({r['dt']:.2f}s; {in_flight:.0f} calls in "
         f"flight on average; worker CPU/task {r['cpu_ms_hop'] * 3:.2f} ms; machine busy "
         f"{r['busy'] * 100:.0f}%, {r['idle_busy'] * 100:.0f}% just before; peak RSS "
-        f"{r['rss_sum']:.0f} MB over {r['nproc']} processes)"
+        f"{r['rss_sum']:.0f} MB over {r['nproc']} processes)\n"
+        f"  {'':9s} CPU/task by process, ms: {cpu_split(r)}"
     )
+
+
+def cpu_split(r: dict) -> str:
+    """Worker processes in their order, then the servers (every postgres backend, Redis)."""
+    parts = [f"worker{k + 1} {ms:.2f}" for k, ms in enumerate(r["proc_cpu_ms_task"])]
+    parts += [f"{name} {ms:.2f}" for name, ms in r["server_cpu_ms_task"].items()]
+    return ", ".join(parts)
 
 
 def main() -> None:

@@ -284,6 +284,7 @@ def throughput(
         mains = [p.pid for p in ws.procs]
         kids = [p for p in ws.pids() if p not in mains]
         cpu0, kcpu0, busy0 = cm.cpu_s(mains), cm.cpu_s(kids), machine_busy()
+        each0, servers0 = [cm.cpu_s(ws.pids_of(k)) for k in range(len(mains))], cm.servers_cpu_s()
         c = psycopg.connect(cm.pg_dsn(), autocommit=True)
         t0 = time.perf_counter()
         side.enqueue_all(jobs)
@@ -296,6 +297,7 @@ def throughput(
             time.sleep(poll_s)
         dt = time.perf_counter() - t0
         cpu1, kcpu1, busy1 = cm.cpu_s(mains), cm.cpu_s(kids), machine_busy()
+        each1, servers1 = [cm.cpu_s(ws.pids_of(k)) for k in range(len(mains))], cm.servers_cpu_s()
         rss = ws.rss()
         notes = side.check(c, n)
         c.close()
@@ -310,6 +312,8 @@ def throughput(
         "cpu_ms_hop": (cpu1 - cpu0 + kcpu1 - kcpu0) * 1000 / hops,
         "main_cpu_ms_hop": (cpu1 - cpu0) * 1000 / hops,
         "kids_cpu_ms_hop": (kcpu1 - kcpu0) * 1000 / hops,
+        "proc_cpu_ms_task": [(b - a) * 1000 / n for a, b in zip(each0, each1, strict=True)],
+        "server_cpu_ms_task": {k: (servers1[k] - servers0[k]) * 1000 / n for k in servers0},
         "busy": (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
         "idle_busy": before,
         "rss_sum": rss["sum"],
