@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import redis
@@ -368,3 +369,100 @@ class RedisMonitor:
         self._client.echo(self.MARK)
         self._thread.join(10)
         self._client.connection_pool.disconnect()
+
+
+class PgWireCounter:
+    """A TCP relay in front of Postgres that counts the round trips its clients make.
+
+    Every byte is passed on unchanged, both ways; the client's side of the protocol is
+    parsed on the way through: a simple ``Query`` ('Q') or an extended-protocol
+    ``Sync`` ('S', which ends a Parse/Bind/Execute batch and makes the client wait for
+    the server's answer) is one round trip. Point the workers at :meth:`url` and read
+    :attr:`round_trips` before and after a run: this counts what the workers send,
+    and nothing else the server does in that window (autovacuum, the driver's own
+    connections), which ``pg_stat_database`` cannot tell apart. For untimed runs only:
+    the relay adds a hop to every statement.
+    """
+
+    UNTYPED = (80877103, 80877104)  # SSLRequest, GSSENCRequest: another untyped follows
+
+    def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
+        import socket
+        import threading
+
+        self.upstream = upstream
+        self.round_trips = 0
+        self.connections = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def dsn(self, db: str = DB_NAME) -> str:
+        """A libpq URL through the relay (no TLS, so the protocol can be read)."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}?sslmode=disable&gssencmode=disable"
+
+    def sqlalchemy_url(self, db: str = DB_NAME) -> str:
+        return self.dsn(db).replace("postgresql://", "postgresql+psycopg://", 1)
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._client_side, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(2)
+
+    def _client_side(self, src: Any, dst: Any) -> None:
+        buf = bytearray()
+        started = False  # past the startup message (which has no type byte)
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+                buf += data
+                while True:
+                    if not started:
+                        if len(buf) < 8:
+                            break
+                        size = int.from_bytes(buf[:4], "big")
+                        if len(buf) < size:
+                            break
+                        code = int.from_bytes(buf[4:8], "big")
+                        del buf[:size]
+                        started = code not in self.UNTYPED
+                        continue
+                    if len(buf) < 5:
+                        break
+                    size = 1 + int.from_bytes(buf[1:5], "big")
+                    if len(buf) < size:
+                        break
+                    if buf[0] in (ord("Q"), ord("S")):
+                        with self._lock:
+                            self.round_trips += 1
+                    del buf[:size]
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(2)
+
+    def close(self) -> None:
+        self._listener.close()

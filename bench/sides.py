@@ -73,6 +73,10 @@ class Side:
     def start(self, procs: list[cm.Proc], env: dict[str, str] | None = None) -> cm.WorkerSet:
         raise NotImplementedError
 
+    def db_env(self, dsn: str) -> dict[str, str]:
+        """The workers' environment that points them at the database ``dsn`` (libpq URL)."""
+        return {}
+
     def prepare(self, n: int, work_ms: float = 0.0) -> list[Any]:
         """Fresh rows (and broker db); returns the first messages to enqueue."""
         raise NotImplementedError
@@ -109,6 +113,9 @@ class Baseline(Side):
         ws = cm.start_procs("baseline", "baseline_lifecycle", cm.BENCH, full, procs, self.log_dir)
         cm.wait_ready(ws, self.bl.app)
         return ws
+
+    def db_env(self, dsn: str) -> dict[str, str]:
+        return {"DSN": dsn}
 
     def prepare(self, n: int, work_ms: float = 0.0) -> list[Any]:
         with psycopg.connect(cm.pg_dsn(), autocommit=True) as c:
@@ -187,6 +194,9 @@ class Taskrail(Side):
         ws = cm.start_procs("taskrail", self.app_name, cm.REPO, full, procs, self.log_dir)
         cm.wait_ready(ws, self.app)
         return ws
+
+    def db_env(self, dsn: str) -> dict[str, str]:
+        return {"TASKRAIL_DATABASE_URL": dsn.replace("postgresql://", "postgresql+psycopg://", 1)}
 
     def producer(self, dispatcher: Any = None) -> Any:
         return self.Client(self.settings, dispatcher=dispatcher)
