@@ -26,15 +26,20 @@ def test_workers_sigkilled_repeatedly_while_tasks_flow(
     workers = start_workers(chaos_fleet, 2)
     chaos_fleet.start_beat()
     work = Workload.mixed(1000, slow_every=10, slow_s=0.3)
-    # When the tasks arrive in waves and, every 2-4 s, a random worker's whole process
-    # group is SIGKILLed and a fresh worker started in its place
+    # When the tasks arrive in waves, 2-4 s apart, and while each wave is being worked
+    # (0.2-0.8 s after it arrives: a wave of ~170 tasks, 17 of them 0.3 s handlers on
+    # four pool processes, takes over a second even on a fast machine, so the kill
+    # lands on hops in flight) a random worker's whole process group is SIGKILLed and
+    # a fresh worker started in its place
     for start, stop in work.chunks(KILLS):
         work.submit(start, stop)
-        time.sleep(rng.uniform(2.0, 4.0))
+        wave_s, kill_at = rng.uniform(2.0, 4.0), rng.uniform(0.2, 0.8)
+        time.sleep(kill_at)
         victim = rng.choice(workers)
         victim.kill()
         workers.remove(victim)
         workers.append(chaos_fleet.start(concurrency=2, wait=False))
+        time.sleep(wave_s - kill_at)
     last_fault = time.monotonic()
     # Then every task rests in its expected state, each transition recorded once, and
     # each completed task's result is the return value of one of its handler's runs
