@@ -10,14 +10,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import redis
@@ -47,7 +50,12 @@ def pg_dsn(db: str = DB_NAME) -> str:
 
 def sqlalchemy_url(db: str = DB_NAME) -> str:
     """The same database as a SQLAlchemy URL for psycopg 3."""
-    return pg_dsn(db).replace("postgresql://", "postgresql+psycopg://", 1)
+    return as_sqlalchemy(pg_dsn(db))
+
+
+def as_sqlalchemy(dsn: str) -> str:
+    """A libpq URL as SQLAlchemy's URL for psycopg 3."""
+    return dsn.replace("postgresql://", "postgresql+psycopg://", 1)
 
 
 def redis_url(db: int) -> str:
@@ -332,7 +340,6 @@ class RedisMonitor:
     MARK = b"__bench_monitor_stop__"
 
     def __init__(self, dbs: set[int]) -> None:
-        import threading
         from collections import Counter
 
         self.dbs = {str(d).encode() for d in dbs}
@@ -377,7 +384,7 @@ class PgWireCounter:
     Every byte is passed on unchanged, both ways; the client's side of the protocol is
     parsed on the way through: a simple ``Query`` ('Q') or an extended-protocol
     ``Sync`` ('S', which ends a Parse/Bind/Execute batch and makes the client wait for
-    the server's answer) is one round trip. Point the workers at :meth:`url` and read
+    the server's answer) is one round trip. Point the workers at :meth:`dsn` and read
     :attr:`round_trips` before and after a run: this counts what the workers send,
     and nothing else the server does in that window (autovacuum, the driver's own
     connections), which ``pg_stat_database`` cannot tell apart. For untimed runs only:
@@ -386,37 +393,29 @@ class PgWireCounter:
 
     UNTYPED = (80877103, 80877104)  # SSLRequest, GSSENCRequest: another untyped follows
 
-    def __init__(self, upstream: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
-        import socket
-        import threading
-
-        self.upstream = upstream
+    def __init__(self) -> None:
+        server = urlsplit(PG_HOST)
+        self.upstream = (server.hostname or "127.0.0.1", server.port or 5432)
         self.round_trips = 0
-        self.connections = 0
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
     def dsn(self, db: str = DB_NAME) -> str:
-        """A libpq URL through the relay (no TLS, so the protocol can be read)."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{db}?sslmode=disable&gssencmode=disable"
-
-    def sqlalchemy_url(self, db: str = DB_NAME) -> str:
-        return self.dsn(db).replace("postgresql://", "postgresql+psycopg://", 1)
+        """``pg_dsn(db)`` through the relay (no TLS, so the protocol can be read)."""
+        url = urlsplit(pg_dsn(db))
+        user = f"{url.username}@" if url.username else ""
+        relayed = url._replace(netloc=f"{user}127.0.0.1:{self.port}")
+        return relayed.geturl() + "?sslmode=disable&gssencmode=disable"
 
     def _accept(self) -> None:
-        import socket
-        import threading
-
         while True:
             try:
                 client, _ = self._listener.accept()
             except OSError:
                 return
             server = socket.create_connection(self.upstream)
-            with self._lock:
-                self.connections += 1
             threading.Thread(target=self._client_side, args=(client, server), daemon=True).start()
             threading.Thread(target=self._pipe, args=(server, client), daemon=True).start()
 

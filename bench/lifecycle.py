@@ -91,11 +91,12 @@ def round_trips(side: Side, procs: list[cm.Proc], n: int) -> dict[str, Any]:
     with vacuum:
         pg1 = cm.pg_counters()
     hops = 3 * n
+    xact = pg1["xact"] - pg0["xact"] - polls - 2  # less the driver's polls and pg0's reads
     return {
         "pg_wire": wire1 - wire0,
         "pg_wire_hop": (wire1 - wire0) / hops,
-        "pg_xact": pg1["xact"] - pg0["xact"] - polls - 2,
-        "pg_xact_hop": (pg1["xact"] - pg0["xact"] - polls - 2) / hops,
+        "pg_xact": xact,
+        "pg_xact_hop": xact / hops,
         "pg_upd_hop": (pg1["upd"] - pg0["upd"]) / hops,
         "pg_ins_hop": (pg1["ins"] - pg0["ins"]) / hops,
         "redis_hop": sum(mon.counts.values()) / hops,

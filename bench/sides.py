@@ -196,7 +196,7 @@ class Taskrail(Side):
         return ws
 
     def db_env(self, dsn: str) -> dict[str, str]:
-        return {"TASKRAIL_DATABASE_URL": dsn.replace("postgresql://", "postgresql+psycopg://", 1)}
+        return {"TASKRAIL_DATABASE_URL": cm.as_sqlalchemy(dsn)}
 
     def producer(self, dispatcher: Any = None) -> Any:
         return self.Client(self.settings, dispatcher=dispatcher)
