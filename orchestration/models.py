@@ -9,6 +9,7 @@ from typing import Any, cast
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Index,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    false,
     text,
 )
 from sqlalchemy import Enum as SAEnum
@@ -124,6 +126,10 @@ class Task(Base):
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
     deferred_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     redriven_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The handler runs in a process of its own (a worker died while it ran).
+    isolated: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=false()
+    )
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.task_type} client={self.client_id} {self.status}>"
