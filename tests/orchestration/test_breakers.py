@@ -2,8 +2,9 @@
 
 Each defect of pybreaker's stock ``CircuitRedisStorage`` that the package fixes has a
 ``test_stock_*`` test showing it, beside a test showing ours gets it right. Redis tests
-use database 11 at 127.0.0.1:6379 (flushed around each test) and fail, not skip, when
-it is unreachable; tests that stop Redis run a redis-server of their own on a spare port.
+run on a redis-server of this module's own on a spare port (flushed around each test;
+the machine's shared Redis is never touched) and fail, not skip, when it cannot start;
+tests that stop Redis run one of their own.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from orchestration.breakers import (
 from orchestration.errors import InfrastructureError
 from tests.support import OwnRedis, free_port
 
-BREAKER_TEST_DB = 11
 # Children come from a fork server that has imported this module once: starting
 # a child costs a fork, not a fresh interpreter importing redis, pybreaker and pytest.
 CHILDREN = multiprocessing.get_context("forkserver")
@@ -53,13 +53,20 @@ class DownstreamDown(Exception):
 # -- fixtures ---------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def module_redis() -> Iterator[OwnRedis]:
+    """A redis-server of this module's own (fails the tests if it cannot start)."""
+    server = OwnRedis().start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def url(redis_server: str) -> Iterator[str]:
-    """Redis database 11, flushed before and after the test (fails if Redis is down)."""
-    url = f"{redis_server}/{BREAKER_TEST_DB}"
-    client = redis.Redis.from_url(url)
+def url(module_redis: OwnRedis) -> Iterator[str]:
+    """The module's own Redis, flushed before and after the test."""
+    client = redis.Redis.from_url(module_redis.url)
     client.flushdb()
-    yield url
+    yield module_redis.url
     client.flushdb()
     client.close()
 
