@@ -29,7 +29,7 @@ from sqlalchemy.dialects import sqlite
 
 from orchestration import constants as c
 from orchestration.agents import load_agent_modules, registry
-from orchestration.db import Database
+from orchestration.db import ConnectionTimeouts, Database
 from orchestration.dispatch import Dispatcher, make_celery
 from orchestration.errors import (
     BrokerUnavailable,
@@ -135,8 +135,13 @@ class Taskrail:
     ) -> None:
         self.settings = settings or get_settings()
         load_agent_modules(self.settings.agents)
+        # pre_ping: a producer outlives server restarts; a pooled connection that died
+        # with one is replaced on checkout instead of failing the caller.
         self.db = db or Database(
-            self.settings.effective_database_url, pool_size=self.settings.db_pool_size
+            self.settings.effective_database_url,
+            pool_size=self.settings.db_pool_size,
+            timeouts=ConnectionTimeouts.from_settings(self.settings),
+            pre_ping=True,
         )
         self.dispatcher = dispatcher or Dispatcher(make_celery(self.settings))
 

@@ -87,3 +87,40 @@ DEFAULT_BREAKER_TRIAL_LEASE_S = 60.0
 # Client timeouts for the breaker's Redis connection: a hung Redis must not hang a hop.
 BREAKER_REDIS_SOCKET_TIMEOUT_S = 2.0
 BREAKER_REDIS_CONNECT_TIMEOUT_S = 1.0
+
+# Connections to PostgreSQL (orchestration.db): a server or a network that stops answering
+# fails a statement within seconds instead of hanging a worker and its lease renewals.
+# libpq counts connect_timeout in whole seconds (at least 2).
+DB_CONNECT_TIMEOUT_S = 5.0
+# Data sent and not acknowledged for this long: the connection is dead (tcp_user_timeout).
+DB_TCP_USER_TIMEOUT_S = 10.0
+# An idle connection is probed after KEEPALIVES_IDLE_S, then every KEEPALIVES_INTERVAL_S;
+# KEEPALIVES_COUNT probes unanswered and it is dead (5 + 5 x 1 = 10 s).
+DB_KEEPALIVES_IDLE_S = 5
+DB_KEEPALIVES_INTERVAL_S = 1
+DB_KEEPALIVES_COUNT = 5
+# Workers only (a hop's statements are short): longer than this and the statement is
+# cancelled by the server; a lock waited for this long, likewise. 0 turns either off.
+DB_STATEMENT_TIMEOUT_S = 30.0
+DB_LOCK_TIMEOUT_S = 10.0
+
+# The broker's Redis clients (Celery broker_transport_options, orchestration.dispatch).
+# A blocking read waits at most BROKER_SOCKET_TIMEOUT_S: longer than kombu's BRPOP
+# timeout (BROKER_BRPOP_TIMEOUT_S), which the server answers on its own.
+BROKER_SOCKET_TIMEOUT_S = 5.0
+BROKER_BRPOP_TIMEOUT_S = 1
+BROKER_CONNECT_TIMEOUT_S = 1.0
+# kombu and redis-py check an idle connection (PING) after this long, and kombu drops a
+# BRPOP connection whose reply is this much overdue.
+BROKER_HEALTH_CHECK_INTERVAL_S = 5
+# TCP keepalive on every Redis connection (broker and breakers): idle, interval, count.
+REDIS_KEEPALIVE_IDLE_S = 5
+REDIS_KEEPALIVE_INTERVAL_S = 1
+REDIS_KEEPALIVE_COUNT = 5
+# How long a producer's publish may wait for a broker that is down before the task is
+# left pending for the sweeper (connection attempts included).
+DEFAULT_PUBLISH_MAX_WAIT_S = 1.0
+
+# A hop for a task type this worker has no agent for goes back to the queue after this
+# long, for a worker that has it.
+NO_AGENT_RETRY_COUNTDOWN_S = 5.0

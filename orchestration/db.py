@@ -1,24 +1,44 @@
 """Database access: one :class:`Database` per process wraps a pooled SQLAlchemy engine.
 
 No connection is made when a :class:`Database` is created; the first statement opens
-one. Connection failures surface as :class:`DatabaseUnavailable`, naming the host but
-never the password.
+one. Every driver and pool error (psycopg, sqlite3, SQLAlchemy's wrappers of them, a
+pool timeout) is turned into taskrail's error tree in one place, :meth:`Database.translate`:
+a server that cannot be reached, drops the link or shuts down is
+:class:`DatabaseUnavailable` (retried by the hops); a statement the database refuses
+(constraint, data, SQL) is :class:`DatabaseRejected`. Messages name the host but never
+the password. PostgreSQL connections carry TCP keepalives and timeouts
+(:class:`ConnectionTimeouts`), so a server or network that stops answering fails a
+statement within seconds instead of hanging it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
+import math
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from sqlalchemy import Connection, create_engine, event, exc
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.pool import NullPool
 
-from orchestration.errors import DatabaseUnavailable, SchemaNotReady
-from orchestration.redact import redact_text
+from orchestration import constants as c
+from orchestration.errors import (
+    ConfigurationError,
+    DatabaseRejected,
+    DatabaseUnavailable,
+    SchemaNotReady,
+    TaskrailError,
+)
+from orchestration.redact import redact_text, redact_url
+
+if TYPE_CHECKING:
+    from orchestration.settings import Settings
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -39,8 +59,58 @@ def _pool_exhausted(where: str, timeout_s: float) -> DatabaseUnavailable:
     return DatabaseUnavailable(where, f"no free connection in the pool after {timeout_s:g}s")
 
 
+@dataclass(frozen=True)
+class ConnectionTimeouts:
+    """How long a PostgreSQL connection may wait on a server or network that stopped
+    answering. ``statement_s`` and ``lock_s`` (server-side, 0: none) suit workers, whose
+    statements are short; producers and operators keep them off."""
+
+    connect_s: float = c.DB_CONNECT_TIMEOUT_S
+    tcp_user_s: float = c.DB_TCP_USER_TIMEOUT_S
+    keepalives_idle_s: int = c.DB_KEEPALIVES_IDLE_S
+    keepalives_interval_s: int = c.DB_KEEPALIVES_INTERVAL_S
+    keepalives_count: int = c.DB_KEEPALIVES_COUNT
+    statement_s: float = 0.0
+    lock_s: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, worker: bool = False) -> ConnectionTimeouts:
+        """The operator's settings; with ``worker`` the statement and lock timeouts too."""
+        return cls(
+            connect_s=settings.db_connect_timeout_s,
+            tcp_user_s=settings.db_tcp_timeout_s,
+            statement_s=settings.db_statement_timeout_s if worker else 0.0,
+            lock_s=settings.db_lock_timeout_s if worker else 0.0,
+        )
+
+    def libpq_args(self, url_options: str | None = None) -> dict[str, Any]:
+        """psycopg connect arguments (libpq keywords); ``url_options``: the URL's own."""
+        args: dict[str, Any] = {
+            # libpq takes whole seconds and treats anything below 2 as 2.
+            "connect_timeout": max(2, math.ceil(self.connect_s)),
+            "keepalives": 1,
+            "keepalives_idle": self.keepalives_idle_s,
+            "keepalives_interval": self.keepalives_interval_s,
+            "keepalives_count": self.keepalives_count,
+            "tcp_user_timeout": int(self.tcp_user_s * 1000),
+        }
+        server = [f"-c {name}={int(seconds * 1000)}" for name, seconds in (
+            ("statement_timeout", self.statement_s), ("lock_timeout", self.lock_s)
+        ) if seconds > 0]  # fmt: skip
+        options = " ".join(filter(None, [url_options, *server]))
+        if options:
+            args["options"] = options
+        return args
+
+
 class Database:
-    """A pooled engine plus the schema check. Safe to share between threads."""
+    """A pooled engine plus the schema check. Safe to share between threads.
+
+    ``timeouts`` bound PostgreSQL's waits (default: :class:`ConnectionTimeouts`);
+    ``pre_ping`` tests a pooled connection before handing it out (one round trip), so a
+    connection killed by a server restart is replaced instead of failing its caller.
+    Raises ConfigurationError for a URL that names no usable database.
+    """
 
     def __init__(
         self,
@@ -49,8 +119,16 @@ class Database:
         pool_size: int = 5,
         pool_timeout_s: float = POOL_TIMEOUT_S,
         auto_upgrade: bool | None = None,
+        timeouts: ConnectionTimeouts | None = None,
+        pre_ping: bool = False,
     ) -> None:
-        self.url = make_url(url)
+        try:
+            self.url = make_url(url)
+        except exc.ArgumentError:
+            raise ConfigurationError(
+                f"database URL {redact_url(str(url))!r} is not a URL SQLAlchemy understands"
+            ) from None
+        self.timeouts = timeouts or ConnectionTimeouts()
         self.is_sqlite = self.url.get_backend_name() == "sqlite"
         self.is_postgres = self.url.get_backend_name() == "postgresql"
         # The embedded SQLite default migrates itself on first use; Postgres is
@@ -59,7 +137,13 @@ class Database:
         kwargs: dict[str, Any] = {}
         if self.is_sqlite:
             if self.url.database and self.url.database != ":memory:":
-                Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+                except OSError as err:
+                    raise ConfigurationError(
+                        f"cannot create the folder of SQLite file {self.url.database}: "
+                        f"{err.strerror or err}"
+                    ) from None
             kwargs["connect_args"] = {"timeout": 30}
         else:
             # A fixed set of connections, opened once and kept. With overflow, every
@@ -68,18 +152,31 @@ class Database:
             # re-prepared statements each time, hundreds per thousand tasks. A thread
             # now waits for a free connection (statements are short) instead.
             kwargs.update(
-                pool_size=pool_size, max_overflow=0, pool_timeout=pool_timeout_s, pool_recycle=3600
+                pool_size=pool_size,
+                max_overflow=0,
+                pool_timeout=pool_timeout_s,
+                pool_recycle=3600,
+                pool_pre_ping=pre_ping,
             )
             if self.is_postgres:
-                kwargs["connect_args"] = {"connect_timeout": 5}
-        self.engine: Engine = create_engine(self.url, **kwargs)
-        # A pool of its own for single-statement writes: switching a pooled connection
-        # to autocommit and back costs round trips on every checkout.
-        self.autocommit_engine: Engine = (
-            create_engine(self.url, isolation_level="AUTOCOMMIT", **kwargs)
-            if not self.is_sqlite
-            else self.engine
-        )
+                options = self.url.query.get("options")
+                kwargs["connect_args"] = self.timeouts.libpq_args(
+                    options if isinstance(options, str) else None
+                )
+        self._engine_kwargs = kwargs
+        try:
+            self.engine: Engine = create_engine(self.url, **kwargs)
+            # A pool of its own for single-statement writes: switching a pooled connection
+            # to autocommit and back costs round trips on every checkout.
+            self.autocommit_engine: Engine = (
+                create_engine(self.url, isolation_level="AUTOCOMMIT", **kwargs)
+                if not self.is_sqlite
+                else self.engine
+            )
+        except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
+            raise ConfigurationError(
+                f"database URL {redact_url(str(url))!r} cannot be used: {redact_text(str(err))}"
+            ) from None
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         dbapi = self.engine.dialect.loaded_dbapi
@@ -100,30 +197,70 @@ class Database:
         port = f":{self.url.port}" if self.url.port else ""
         return f"{self.url.host or 'localhost'}{port}/{self.url.database or ''}"
 
+    # -- errors -----------------------------------------------------------------
+
+    def _detail(self, err: BaseException) -> str:
+        lines = redact_text(str(getattr(err, "orig", None) or err)).strip().splitlines()
+        return lines[0] if lines else type(err).__name__
+
     def _unavailable(self, err: BaseException) -> DatabaseUnavailable:
-        detail = redact_text(str(getattr(err, "orig", err) or err)).strip().splitlines()
-        return DatabaseUnavailable(self.where, detail[0] if detail else "")
+        return DatabaseUnavailable(self.where, self._detail(err))
+
+    def translate(self, err: BaseException) -> TaskrailError | None:
+        """taskrail's error for a driver or pool error; None for anything else.
+
+        Unreachable, refused, dropped, shut down, timed out (OperationalError,
+        InterfaceError, a socket error, a pool timeout, a connection SQLAlchemy
+        invalidated): DatabaseUnavailable. Any other driver error (constraint, data,
+        SQL): DatabaseRejected. taskrail's own errors and everything else: None.
+        """
+        if isinstance(err, TaskrailError):
+            return None
+        if isinstance(err, exc.TimeoutError):
+            return _pool_exhausted(self.where, self.pool_timeout_s)
+        orig = err.orig if isinstance(err, exc.DBAPIError) else err
+        if isinstance(err, exc.DBAPIError) and (
+            err.connection_invalidated or isinstance(err, exc.OperationalError | exc.InterfaceError)
+        ):
+            return self._unavailable(err)
+        if isinstance(orig, (*self._dbapi_operational, OSError)):
+            return self._unavailable(err)
+        if isinstance(err, exc.DBAPIError) or isinstance(orig, self._dbapi_errors):
+            return DatabaseRejected(self.where, self._detail(err))
+        return None
+
+    def _raise_translated(self, err: BaseException) -> NoReturn:
+        mapped = self.translate(err)
+        if mapped is None:
+            raise err
+        raise mapped from err
+
+    @contextlib.contextmanager
+    def translated(self) -> Iterator[None]:
+        """Turn driver and pool errors raised inside into taskrail's (see translate)."""
+        try:
+            yield
+        except BaseException as err:
+            self._raise_translated(err)
 
     @contextlib.contextmanager
     def connect(self, *, autocommit: bool = False) -> Iterator[Connection]:
         """A pooled connection; ``autocommit`` runs each statement as its own transaction.
 
-        Raises DatabaseUnavailable when the server cannot be reached or drops the link.
+        Raises DatabaseUnavailable when the server cannot be reached or drops the link,
+        DatabaseRejected when it refuses a statement.
         """
         self.ensure_schema()
-        try:
+        with self.translated():
             conn = (self.autocommit_engine if autocommit else self.engine).connect()
-        except exc.DBAPIError as err:
-            raise self._unavailable(err) from err
-        except exc.TimeoutError as err:
-            raise _pool_exhausted(self.where, self.pool_timeout_s) from err
         try:
             yield conn
-        except exc.DBAPIError as err:
-            if err.connection_invalidated or isinstance(err, exc.OperationalError):
-                raise self._unavailable(err) from err
-            raise
-        finally:
+        except BaseException as err:
+            # Closing may fail too on a broken link; the first error is the one to tell.
+            with contextlib.suppress(Exception):
+                conn.close()
+            self._raise_translated(err)
+        with self.translated():
             conn.close()
 
     @contextlib.contextmanager
@@ -132,28 +269,27 @@ class Database:
 
         The hops' single-statement writes run here: SQLAlchemy's statement machinery
         costs more than the round trip they make. A connection that fails is dropped
-        from the pool. Raises DatabaseUnavailable.
+        from the pool. Raises DatabaseUnavailable, DatabaseRejected.
         """
         self.ensure_schema()
-        try:
+        # Unlike Engine.connect(), raw_connection() hands on the driver's own errors.
+        with self.translated():
             fairy = self.autocommit_engine.raw_connection()
-        except exc.DBAPIError as err:
-            raise self._unavailable(err) from err
-        except exc.TimeoutError as err:
-            raise _pool_exhausted(self.where, self.pool_timeout_s) from err
         try:
             yield fairy.driver_connection
-        except self._dbapi_errors as err:
-            if isinstance(err, self._dbapi_operational):
+        except BaseException as err:
+            mapped = self.translate(err)
+            if isinstance(mapped, DatabaseUnavailable):
                 fairy.invalidate(err)
-                raise self._unavailable(err) from err
-            raise
-        finally:
+            with contextlib.suppress(Exception):
+                fairy.close()
+            self._raise_translated(err)
+        with self.translated():
             fairy.close()
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[Connection]:
-        """A connection inside one transaction, committed on success."""
+        """A connection inside one transaction, committed on success (errors as connect's)."""
         with self.connect() as conn, conn.begin():
             yield conn
 
@@ -172,27 +308,41 @@ class Database:
         with self._schema_lock:  # the threads of a threads pool check once, not each
             if self._schema_ok:
                 return
-            try:
+            with self.translated():
                 current = migrate.is_current(self.engine)
                 if not current:
                     if not self.auto_upgrade:
                         raise SchemaNotReady(self.where)
-                    with self._migration_lock():
-                        migrate.upgrade(self.engine)
-            except exc.DBAPIError as err:
-                raise self._unavailable(err) from err
+                    self._upgrade()
             self._schema_ok = True
 
     def upgrade(self) -> None:
-        """Apply every pending migration."""
+        """Apply every pending migration. Raises DatabaseUnavailable, DatabaseRejected."""
+        with self.translated():
+            self._upgrade()
+        self._schema_ok = True
+
+    def _upgrade(self) -> None:
         from orchestration import migrate
 
-        try:
-            with self._migration_lock():
+        with self._migration_lock():
+            if self.timeouts.statement_s or self.timeouts.lock_s:
+                # A migration may rewrite a big table: no statement or lock timeout.
+                unbounded = dataclasses.replace(self.timeouts, statement_s=0.0, lock_s=0.0)
+                options = self.url.query.get("options")
+                engine = create_engine(
+                    self.url,
+                    poolclass=NullPool,
+                    connect_args=unbounded.libpq_args(
+                        options if isinstance(options, str) else None
+                    ),
+                )
+                try:
+                    migrate.upgrade(engine)
+                finally:
+                    engine.dispose()
+            else:
                 migrate.upgrade(self.engine)
-        except exc.DBAPIError as err:
-            raise self._unavailable(err) from err
-        self._schema_ok = True
 
     @contextlib.contextmanager
     def _migration_lock(self) -> Iterator[None]:

@@ -13,6 +13,7 @@
     │   ├── DatabaseUnavailable    the database cannot be reached
     │   ├── SchemaNotReady         the database has no (current) taskrail schema
     │   └── BrokerUnavailable      the message broker cannot be reached
+    ├── DatabaseRejected           the database refused a statement (constraint, data, SQL)
     └── ConfigurationError         settings or agent registration that cannot work
 
 Agents signal business outcomes with :class:`orchestration.agents.Escalate` and
@@ -98,6 +99,16 @@ class BrokerUnavailable(InfrastructureError):
         self.where = where
         self.detail = detail
         msg = f"message broker unreachable at {where}"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class DatabaseRejected(TaskrailError):
+    """The database refused a statement: not an outage, so trying again will not help."""
+
+    def __init__(self, where: str, detail: str = "") -> None:
+        self.where = where
+        self.detail = detail
+        msg = f"database at {where} refused a statement"
         super().__init__(f"{msg}: {detail}" if detail else msg)
 
 

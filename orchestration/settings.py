@@ -60,6 +60,30 @@ class Settings(BaseSettings):
     prefetch_multiplier: int = Field(default=c.DEFAULT_PREFETCH_MULTIPLIER, ge=1)
     visibility_timeout_s: int = Field(default=c.DEFAULT_VISIBILITY_TIMEOUT_S, ge=1)
     db_pool_size: int = Field(default=5, ge=1)
+    db_connect_timeout_s: float = Field(
+        default=c.DB_CONNECT_TIMEOUT_S, gt=0, description="PostgreSQL connect timeout"
+    )
+    db_tcp_timeout_s: float = Field(
+        default=c.DB_TCP_USER_TIMEOUT_S,
+        gt=0,
+        description="a PostgreSQL connection whose data goes unacknowledged this long is dead",
+    )
+    db_statement_timeout_s: float = Field(
+        default=c.DB_STATEMENT_TIMEOUT_S, ge=0, description="workers' statements; 0: none"
+    )
+    db_lock_timeout_s: float = Field(
+        default=c.DB_LOCK_TIMEOUT_S, ge=0, description="workers' lock waits; 0: none"
+    )
+    broker_socket_timeout_s: float = Field(
+        default=c.BROKER_SOCKET_TIMEOUT_S,
+        gt=c.BROKER_BRPOP_TIMEOUT_S,
+        description="longest wait for a reply from the broker's Redis",
+    )
+    publish_max_wait_s: float = Field(
+        default=c.DEFAULT_PUBLISH_MAX_WAIT_S,
+        ge=0,
+        description="how long a producer waits for a broker that is down",
+    )
     lease_ttl_s: float = Field(default=c.DEFAULT_LEASE_TTL_S, gt=0)
     sweep_interval_s: float = Field(default=c.DEFAULT_SWEEP_INTERVAL_S, gt=0)
     redrive_after_s: float = Field(default=c.DEFAULT_REDRIVE_AFTER_S, gt=0)

@@ -19,7 +19,7 @@ from orchestration import constants as c
 from orchestration import metrics, redisbroker
 from orchestration.agents import AgentSpec, Escalate, PermanentError, load_agent_modules
 from orchestration.breakers import BreakerBoard, SharedBreaker
-from orchestration.db import Database
+from orchestration.db import ConnectionTimeouts, Database
 from orchestration.dispatch import Dispatcher
 from orchestration.leases import LeaseKeeper, RunGuard
 from orchestration.logging import get_logger
@@ -63,7 +63,11 @@ def runtime(app: Celery) -> Runtime:
         if _runtime is None or _pid != os.getpid():
             settings = get_settings()
             load_agent_modules(settings.agents)
-            db = Database(settings.effective_database_url, pool_size=settings.db_pool_size)
+            db = Database(
+                settings.effective_database_url,
+                pool_size=settings.db_pool_size,
+                timeouts=ConnectionTimeouts.from_settings(settings, worker=True),
+            )
             _runtime = Runtime(
                 settings=settings,
                 db=db,
