@@ -36,23 +36,26 @@ local function open_now(reset_ms)
   changed_from = state
   state, opened, next_trial = 'open', int(now), int(now + tonumber(reset_ms))
   redis.call('HSET', key, 'state', state, 'opened_at_ms', opened, 'next_trial_ms', next_trial)
+  redis.call('HDEL', key, 'success_count')
   redis.call('DEL', lease)
 end
 local function close_now()
   if state ~= 'closed' then changed_from = state end
   state, fails, epoch, opened, next_trial = 'closed', 0, epoch + 1, '', ''
   redis.call('HSET', key, 'state', state, 'fail_count', '0', 'epoch', int(epoch))
-  redis.call('HDEL', key, 'opened_at_ms', 'next_trial_ms')
+  redis.call('HDEL', key, 'opened_at_ms', 'next_trial_ms', 'success_count')
   redis.call('DEL', lease)
 end
 """
 
 # ARGV: name, register ('1': write the settings), fail_max, reset_timeout_ms.
 # Also registers a breaker whose hash is gone (a Redis restart without persistence).
+# A fail_max below 1 means the caller does not know the settings (a stock pybreaker
+# CircuitBreaker reading through the storage interface): then nothing is written.
 READ = (
     _PRELUDE
     + """
-if ARGV[2] == '1' or not h[6] then
+if tonumber(ARGV[3]) >= 1 and (ARGV[2] == '1' or not h[6]) then
   register()
   redis.call('HSET', key, 'fail_max', ARGV[3], 'reset_timeout_ms', ARGV[4])
 end

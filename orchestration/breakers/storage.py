@@ -1,12 +1,22 @@
 """Where a breaker's state lives: Redis (shared by every process) or process memory.
 
 Both storages subclass pybreaker's own (:class:`pybreaker.CircuitRedisStorage`,
-:class:`pybreaker.CircuitMemoryStorage`) and keep its read/write interface working, but
-the breaker drives them only through the atomic operations below: ``read``,
-``record_failure``, ``record_success``, ``acquire_trial``, ``finish_trial``,
-``abandon_trial``, ``reset`` and ``force_open``, each one Lua script (one command) in
-Redis, or one short critical section in memory. Redis errors propagate
-(:class:`redis.exceptions.RedisError`); the breaker decides what they mean.
+:class:`pybreaker.CircuitMemoryStorage`). :class:`SharedBreaker` drives them only
+through the atomic operations below: ``read``, ``record_failure``, ``record_success``,
+``acquire_trial``, ``finish_trial``, ``abandon_trial``, ``reset`` and ``force_open``,
+each one Lua script (one command) in Redis, or one short critical section in memory.
+Redis errors propagate (:class:`redis.exceptions.RedisError`); the breaker decides what
+they mean.
+
+pybreaker's storage interface keeps working on the same state, so a
+:class:`RedisBreakerStorage` can be the ``state_storage`` of a stock
+``pybreaker.CircuitBreaker``, shared by every process that builds one on the same
+namespace and name: it then behaves as it does over pybreaker's own
+``CircuitMemoryStorage`` (failure and success counters, ``success_threshold``,
+listeners, generators, ``throw_new_error_on_trip``; tested side by side). It keeps the
+stock breaker's own limits, which :class:`SharedBreaker` exists to remove: counters and
+state change in separate commands, every process may try while half-open, and a Redis
+error propagates out of ``call`` (it is not read as "closed").
 """
 
 from __future__ import annotations
@@ -143,6 +153,10 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
         return parse_reply(script(keys=self._keys, args=argv, client=self._redis))
 
     def read(self, *, register: bool = False, fail_max: int = 0, reset_ms: int = 0) -> Reply:
+        """The state; with ``fail_max >= 1`` also registers it and writes the settings.
+
+        ``fail_max=0`` (the default) writes nothing: a read is then only a read.
+        """
         flag = "1" if register else "0"
         return self._run(self._scripts.read, flag, fail_max, reset_ms)
 
@@ -167,15 +181,23 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
     def force_open(self, reset_ms: int) -> Reply:
         return self._run(self._scripts.force_open, reset_ms)
 
-    # pybreaker's storage interface, on the same hash. Reads are fresh; the writes are
-    # single commands kept for compatibility, not used by SharedBreaker.
+    # pybreaker's storage interface, on the same hash, for a stock CircuitBreaker (not
+    # used by SharedBreaker). Reads are fresh and write nothing; each write is one
+    # command, as in pybreaker's own Redis storage.
     @property
     def state(self) -> str:
         return self.read().snapshot.state
 
     @state.setter
     def state(self, state: str) -> None:
-        self._redis.hset(self._keys[0], "state", str(state))
+        # Registered too, so `taskrail breakers` lists a breaker a stock CircuitBreaker
+        # opened (its fail_max and reset timeout stay unknown there).
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(self._keys[0], "state", str(state))
+        pipe.sadd(self._keys[1], self.breaker_name)
+        if isinstance(self._redis, CountingRedis):
+            self._redis.add_commands(len(pipe))
+        pipe.execute()
 
     @property
     def counter(self) -> int:
@@ -183,7 +205,9 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
 
     @property
     def success_counter(self) -> int:
-        return 0  # one successful trial closes the breaker (success_threshold 1)
+        # Consecutive successes while half-open (pybreaker's success_threshold);
+        # SharedBreaker's scripts delete the field whenever they open or close.
+        return _int_or_none(self._redis.hget(self._keys[0], "success_count")) or 0
 
     def increment_counter(self) -> None:
         self._redis.hincrby(self._keys[0], "fail_count", 1)
@@ -192,10 +216,10 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
         self._redis.hset(self._keys[0], "fail_count", "0")
 
     def increment_success_counter(self) -> None:
-        return None
+        self._redis.hincrby(self._keys[0], "success_count", 1)
 
     def reset_success_counter(self) -> None:
-        return None
+        self._redis.hset(self._keys[0], "success_count", "0")
 
     @property
     def opened_at(self) -> datetime | None:
@@ -294,6 +318,7 @@ class MemoryBreakerStorage(pybreaker.CircuitMemoryStorage):
         self._opened_at_ms, self._next_trial_ms = now, now + reset_ms
         self._opened_at = ms_to_datetime(now)
         self._lease = None
+        self._success_counter = 0
         return old
 
     def _close(self) -> str | None:
@@ -301,6 +326,7 @@ class MemoryBreakerStorage(pybreaker.CircuitMemoryStorage):
         self._fail_counter, self._epoch = 0, self._epoch + 1
         self._opened_at_ms = self._next_trial_ms = self._opened_at = None
         self._lease = None
+        self._success_counter = 0
         return old if old != STATE_CLOSED else None
 
     @staticmethod
