@@ -5,7 +5,26 @@ The call path is split in three (``before_call`` -> the caller's own call ->
 the execute hop can turn a refusal into a deferral. :class:`_Circuit` is the pybreaker
 ``CircuitBreaker`` underneath: it holds the configuration (``fail_max``,
 ``reset_timeout``, excluded exceptions, listeners) and routes pybreaker's own entry
-points (``call``, the decorator, ``open()``/``close()``) to the shared, atomic path.
+points (``call``, the decorator, ``calling()``, ``open()``/``close()``) to the shared,
+atomic path.
+
+pybreaker's options, as this breaker takes them:
+
+- Listeners (``breaker.circuit.add_listener``): ``before_call``, ``success``,
+  ``failure`` and ``state_change`` are called in pybreaker's order, in the process that
+  made the call or the change; ``before_call`` gets ``func=None`` from a bare
+  ``before_call()``. A listener's exception is logged, never raised.
+- A guarded generator (``call``/the decorator on a generator function) is judged when
+  it ends: exhausted is a success, an exception a failure; closed early (the consumer
+  stopped) gives no verdict, like ``abandon``. Its permit, a half-open trial's lease
+  included, is held until then.
+- ``throw_new_error_on_trip`` (pybreaker's default, on): the failure that opens the
+  breaker raises ``pybreaker.CircuitBreakerError`` from the downstream's error when it
+  came through the circuit's ``call``, decorator or ``calling()``. ``SharedBreaker``'s
+  own ``call``/``calling`` and ``on_failure`` (the workers' path) always let the
+  downstream's error through.
+- ``success_threshold`` is refused (ConfigurationError) unless 1: half-open is one
+  cluster-wide trial, and its success closes the breaker for every process.
 """
 
 from __future__ import annotations
@@ -13,8 +32,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+import types
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -32,6 +52,7 @@ from orchestration.breakers.model import (
     ms_to_datetime,
 )
 from orchestration.breakers.storage import BreakerStorage
+from orchestration.errors import ConfigurationError
 from orchestration.logging import get_logger
 
 if TYPE_CHECKING:
@@ -174,8 +195,8 @@ class SharedBreaker:
         self._absorb(reply)
         return reply
 
-    def _tell(self, op: str, fn: Callable[[], Reply]) -> None:
-        """Record an outcome; a storage error loses it (logged), never raises."""
+    def _tell(self, op: str, fn: Callable[[], Reply]) -> Reply | None:
+        """Record an outcome; a storage error loses it (logged, ``None``), never raises."""
         try:
             reply = fn()
         except RedisError as err:
@@ -187,18 +208,39 @@ class SharedBreaker:
                 where=self._board.where,
                 error=repr(err),
             )
-            return
+            return None
         self._absorb(reply)
+        return reply
+
+    def _notify(self, hook: str, *args: Any, **kwargs: Any) -> None:
+        """Call ``hook`` of every pybreaker listener; their exceptions are logged."""
+        if not self.circuit._listeners:
+            return
+        for listener in self.circuit.listeners:
+            try:
+                getattr(listener, hook)(self.circuit, *args, **kwargs)
+            except Exception:
+                log.exception(
+                    "breaker_listener_failed", name=self.name, listener=repr(listener), hook=hook
+                )
 
     # -- the call path ---------------------------------------------------------------
 
-    def before_call(self) -> Permit:
+    def before_call(
+        self, func: Callable[..., Any] | None = None, /, *args: Any, **kwargs: Any
+    ) -> Permit:
         """A permit to call the downstream once.
 
-        Raises BreakerOpen (with ``remaining_s`` until the next trial) while open, or
-        while another caller holds the half-open trial; raises BreakerStateUnavailable
-        when the shared state cannot be read.
+        ``func`` and its arguments, when given, are only passed on to the listeners'
+        ``before_call``. Raises BreakerOpen (with ``remaining_s`` until the next trial)
+        while open, or while another caller holds the half-open trial; raises
+        BreakerStateUnavailable when the shared state cannot be read.
         """
+        permit = self._admit()
+        self._notify("before_call", func, *args, **kwargs)
+        return permit
+
+    def _admit(self) -> Permit:
         snap = self._current()
         if snap.state == STATE_CLOSED:
             return Permit(self.name, trial=False, epoch=snap.epoch)
@@ -229,39 +271,57 @@ class SharedBreaker:
             self._tell(
                 "finish_trial", lambda: self._storage.finish_trial(token, True, self._reset_ms)
             )
-            return
-        snap = self._snap
-        if snap is None or (
-            snap.state == STATE_CLOSED and snap.epoch == permit.epoch and snap.fail_count > 0
-        ):
-            self._tell("record_success", lambda: self._storage.record_success(permit.epoch))
+        else:
+            snap = self._snap
+            if snap is None or (
+                snap.state == STATE_CLOSED and snap.epoch == permit.epoch and snap.fail_count > 0
+            ):
+                self._tell("record_success", lambda: self._storage.record_success(permit.epoch))
+        self._notify("success")
 
     def on_failure(self, permit: Permit, exc: BaseException) -> None:
         """Record a failed call.
 
         An excluded exception counts as a success. A ``BaseException`` that is not an
-        ``Exception`` (KeyboardInterrupt, SystemExit: the caller is going away) is no
-        verdict on the downstream: a trial's lease is released, nothing is counted.
+        ``Exception`` (KeyboardInterrupt, SystemExit, GeneratorExit: the caller is going
+        away) is no verdict on the downstream: a trial's lease is released, nothing is
+        counted, no listener is told.
         """
+        self._failed(permit, exc)
+
+    def _failed(self, permit: Permit, exc: BaseException) -> bool:
+        """:meth:`on_failure`; whether this failure opened the breaker."""
         self._check(permit)
         if not isinstance(exc, Exception):
-            if permit.trial:
-                token = permit.token or ""
-                self._tell("abandon_trial", lambda: self._storage.abandon_trial(token))
-            return
+            self.abandon(permit)
+            return False
         if not self.circuit.is_system_error(exc):
             self.on_success(permit)
-            return
+            return False
+        self._notify("failure", exc)
         if permit.trial:
             token = permit.token or ""
-            self._tell(
+            reply = self._tell(
                 "finish_trial", lambda: self._storage.finish_trial(token, False, self._reset_ms)
             )
         else:
-            self._tell(
+            reply = self._tell(
                 "record_failure",
                 lambda: self._storage.record_failure(permit.epoch, self.fail_max, self._reset_ms),
             )
+        return (
+            reply is not None
+            and reply.changed_from is not None
+            and reply.snapshot.state == STATE_OPEN
+        )
+
+    def _settle_failure(self, permit: Permit, exc: BaseException, new_error_on_trip: bool) -> None:
+        """Record ``exc``; when it opened the breaker and ``new_error_on_trip``, raise
+        pybreaker.CircuitBreakerError from it (pybreaker's ``throw_new_error_on_trip``).
+        """
+        if self._failed(permit, exc) and new_error_on_trip:
+            what = "Trial call failed" if permit.trial else "Failures threshold reached"
+            raise pybreaker.CircuitBreakerError(f"{what}, circuit breaker opened") from exc
 
     def abandon(self, permit: Permit) -> None:
         """Give a permit back unused (the call was not made): no verdict is recorded.
@@ -277,29 +337,57 @@ class SharedBreaker:
         if permit.name != self.name:
             raise ValueError(f"permit of breaker {permit.name!r} given to breaker {self.name!r}")
 
-    def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def call(self, func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """``func(*args, **kwargs)`` through the breaker; its exception propagates as is.
 
         Raises BreakerOpen / BreakerStateUnavailable before calling. No lock is held
-        while ``func`` runs.
+        while ``func`` runs. A generator is judged when it ends (see the module doc).
         """
-        permit = self.before_call()
+        return self._guarded(func, args, kwargs, new_error_on_trip=False)
+
+    def calling(self) -> contextlib.AbstractContextManager[Permit]:
+        """``with breaker.calling(): ...`` guards the block like :meth:`call`."""
+        return self._guarded_block(new_error_on_trip=False)
+
+    def _guarded(
+        self,
+        func: Callable[..., T],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        new_error_on_trip: bool,
+    ) -> T:
+        permit = self.before_call(func, *args, **kwargs)
         try:
             result = func(*args, **kwargs)
         except BaseException as exc:
-            self.on_failure(permit, exc)
+            self._settle_failure(permit, exc, new_error_on_trip)
+            raise
+        if isinstance(result, types.GeneratorType):
+            return self._guarded_generator(permit, result, new_error_on_trip)  # type: ignore[return-value]
+        self.on_success(permit)
+        return result
+
+    def _guarded_generator(
+        self, permit: Permit, inner: Generator[Any, Any, Any], new_error_on_trip: bool
+    ) -> Generator[Any, Any, Any]:
+        # A generator that is never started never runs this: its permit is left to
+        # lapse (a trial's lease expires after trial_lease_s).
+        try:
+            result = yield from inner
+        except BaseException as exc:
+            self._settle_failure(permit, exc, new_error_on_trip)
             raise
         self.on_success(permit)
         return result
 
     @contextlib.contextmanager
-    def calling(self) -> Iterator[Permit]:
-        """``with breaker.calling(): ...`` guards the block like :meth:`call`."""
+    def _guarded_block(self, *, new_error_on_trip: bool) -> Iterator[Permit]:
         permit = self.before_call()
         try:
             yield permit
         except BaseException as exc:
-            self.on_failure(permit, exc)
+            self._settle_failure(permit, exc, new_error_on_trip)
             raise
         self.on_success(permit)
 
@@ -326,11 +414,21 @@ class _Circuit(pybreaker.CircuitBreaker):
     """
 
     def __init__(self, shared: SharedBreaker, **kwargs: Any) -> None:
+        _refuse_success_threshold(kwargs.get("success_threshold", 1), shared.name)
         # pybreaker reads the state while constructing; a memory placeholder keeps
         # construction off Redis. SharedBreaker installs the real storage after.
         self._shared: SharedBreaker | None = None
         super().__init__(state_storage=pybreaker.CircuitMemoryStorage(STATE_CLOSED), **kwargs)
         self._shared = shared
+
+    @property
+    def success_threshold(self) -> int:
+        return self._success_threshold
+
+    @success_threshold.setter
+    def success_threshold(self, threshold: int) -> None:
+        _refuse_success_threshold(threshold, self.name)
+        self._success_threshold = threshold
 
     @property
     def current_state(self) -> str:
@@ -363,11 +461,13 @@ class _Circuit(pybreaker.CircuitBreaker):
         return self._shared
 
     def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return self.shared.call(func, *args, **kwargs)
+        return self.shared._guarded(
+            func, args, kwargs, new_error_on_trip=self._throw_new_error_on_trip
+        )
 
     @contextlib.contextmanager
     def calling(self) -> Any:
-        with self.shared.calling():
+        with self.shared._guarded_block(new_error_on_trip=self._throw_new_error_on_trip):
             yield
 
     def call_async(self, func: Any, *args: Any, **kwargs: Any) -> Any:
@@ -382,3 +482,11 @@ class _Circuit(pybreaker.CircuitBreaker):
 
     def half_open(self) -> None:
         raise NotImplementedError("half-open is entered only by taking the trial lease")
+
+
+def _refuse_success_threshold(threshold: int, name: str | None) -> None:
+    if threshold != 1:
+        raise ConfigurationError(
+            f"breaker {name!r}: success_threshold must be 1 (one cluster-wide half-open "
+            f"trial closes a taskrail breaker), not {threshold}"
+        )

@@ -15,7 +15,7 @@ of its own, so nothing is flushed.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -106,19 +106,19 @@ def _business() -> None:
     raise Business("no such customer")
 
 
-def _gen_ok() -> Iterator[int]:
+def _gen_ok() -> Generator[int, None, None]:
     yield 1
     yield 2
 
 
-def _gen_fail() -> Iterator[int]:
+def _gen_fail() -> Generator[int, None, None]:
     yield 1
     raise DownstreamDown("down mid-stream")
 
 
-def _outcome(step: Callable[[], Any]) -> tuple[str, str]:
+def _outcome(step: Callable[[Any], Any], cb: Any) -> tuple[str, str]:
     try:
-        return ("returned", repr(step()))
+        return ("returned", repr(step(cb)))
     except pybreaker.CircuitBreakerError:
         # The refusal's wording is each implementation's own; its type is the contract.
         return ("raised", "CircuitBreakerError")
@@ -167,7 +167,7 @@ def _run_stock(
             _elapse(storage, cb.reset_timeout)
             outcome: tuple[str, str] = ("elapsed", "")
         else:
-            outcome = _outcome(lambda: STEPS[step](cb))
+            outcome = _outcome(STEPS[step], cb)
         seen = (cb.current_state, cb.fail_counter, cb.success_counter)
         trace.append((step, outcome, seen, recorder.take()))
     return trace
@@ -182,7 +182,12 @@ def _assert_same(client: redis.Redis, steps: list[str], **options: Any) -> None:
 
 # -- RedisBreakerStorage under a stock CircuitBreaker ----------------------------------
 
-TRIP_AND_RECOVER = ["fail", "fail", "fail", "ok", "elapse", "ok", "ok", "fail"]
+
+def _steps(text: str) -> list[str]:
+    return text.split()
+
+
+TRIP_AND_RECOVER = _steps("fail fail fail ok elapse ok ok fail")
 
 
 @pytest.mark.integration
@@ -245,29 +250,30 @@ def test_breaker_used_by_stock_pybreaker_lists_without_made_up_settings(
         pytest.param({"fail_max": 3}, TRIP_AND_RECOVER, id="trip-and-recover"),
         pytest.param(
             {"fail_max": 2, "success_threshold": 3},
-            ["fail", "fail", "elapse", "ok", "ok", "ok", "ok", "fail", "fail", "elapse"]
-            + ["ok", "ok", "fail", "ok"],
+            _steps("fail fail elapse ok ok ok ok fail fail elapse ok ok fail ok"),
             id="success-threshold-3",
         ),
         pytest.param(
             {"fail_max": 2, "throw_new_error_on_trip": False},
-            ["fail", "fail", "elapse", "fail", "elapse", "ok"],
+            _steps("fail fail elapse fail elapse ok"),
             id="throw-original-error-on-trip",
         ),
         pytest.param(
             {"fail_max": 2, "throw_new_error_on_trip": True},
-            ["fail", "fail", "elapse", "fail", "elapse", "ok"],
+            _steps("fail fail elapse fail elapse ok"),
             id="throw-new-error-on-trip",
         ),
         pytest.param(
             {"fail_max": 2},
-            ["gen_ok", "gen_fail", "gen_ok", "gen_fail", "gen_fail", "elapse", "gen_ok"],
+            _steps("gen_ok gen_fail gen_ok gen_fail gen_fail elapse gen_ok"),
             id="generators",
         ),
         pytest.param(
             {"fail_max": 2},
-            ["business", "fail", "business", "decorated", "with_fail", "with_fail", "with_ok"]
-            + ["elapse", "with_ok", "open", "open", "close", "close", "half_open", "fail"],
+            _steps(
+                "business fail business decorated with_fail with_fail with_ok elapse with_ok"
+                " open open close close half_open fail"
+            ),
             id="listeners-and-entry-points",
         ),
     ],
@@ -369,8 +375,10 @@ def _without_self_changes(events: list[tuple[Any, ...]]) -> list[tuple[Any, ...]
 @pytest.mark.integration
 def test_shared_breaker_calls_listeners_like_pybreaker(board: BreakerBoard) -> None:
     # Given the same listener on a stock breaker and on a SharedBreaker's circuit
-    steps = ["ok", "business", "fail", "decorated", "fail", "with_ok", "fail", "fail", "ok"]
-    steps += ["elapse", "with_fail", "elapse", "gen_ok", "gen_fail", "close", "open", "close"]
+    steps = _steps(
+        "ok business fail decorated fail with_ok fail fail ok"
+        " elapse with_fail elapse gen_ok gen_fail close open close"
+    )
     reference = _run_stock(
         pybreaker.CircuitMemoryStorage(STATE_CLOSED), steps, fail_max=2, reset_timeout=60
     )
@@ -382,7 +390,7 @@ def test_shared_breaker_calls_listeners_like_pybreaker(board: BreakerBoard) -> N
         if step == "elapse":
             _elapse_shared(board, shared)
         else:
-            outcome = _outcome(lambda: STEPS[step](shared.circuit))
+            outcome = _outcome(STEPS[step], shared.circuit)
             assert outcome == want_outcome, step
         # Then each step shows the same outcome, state and listener calls
         assert shared.state == want_seen[0], step
