@@ -14,10 +14,17 @@ from typing import Annotated, Any
 
 import typer
 from rich.columns import Columns
-from rich.console import Console
 from rich.table import Table
 
-from orchestration.errors import InputError, InvalidPayload, TaskrailError
+from orchestration.cli_edge import (
+    exit_code,
+    literal,
+    make_console,
+    parse_number,
+    print_error,
+    settings_error,
+)
+from orchestration.errors import InvalidPayload, TaskrailError
 from orchestration.logging import configure_logging
 from orchestration.redact import redact_text
 from orchestration.settings import get_settings
@@ -36,8 +43,8 @@ breakers_app = typer.Typer(
 )
 app.add_typer(breakers_app, name="breakers")
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+out = make_console()
+err = make_console(stderr=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 
@@ -56,12 +63,9 @@ def errors_as_exit() -> Iterator[None]:
     """Turn taskrail's errors into one line on stderr and an exit code."""
     try:
         yield
-    except InputError as exc:
-        err.print(f"error: {redact_text(str(exc))}", markup=False, highlight=False)
-        raise typer.Exit(2) from None
     except TaskrailError as exc:
-        err.print(f"error: {redact_text(str(exc))}", markup=False, highlight=False)
-        raise typer.Exit(1) from None
+        print_error(err, str(exc))
+        raise typer.Exit(exit_code(exc)) from None
 
 
 def print_json(data: Any) -> None:
@@ -87,7 +91,13 @@ def command(func: Callable[..., None]) -> Callable[..., None]:
 
 @app.callback()
 def _main() -> None:
-    settings = get_settings()
+    from pydantic import ValidationError
+
+    with errors_as_exit():
+        try:
+            settings = get_settings()
+        except ValidationError as exc:
+            raise settings_error(exc) from None
     configure_logging(settings.log_format, "WARNING")
 
 
@@ -101,12 +111,7 @@ def submit(
     as_json: JsonFlag = False,
 ) -> None:
     """Submit a task; prints its id."""
-    from orchestration.errors import InvalidClientId
-
-    try:
-        client_id = int(client.strip())
-    except ValueError:
-        raise InvalidClientId(client) from None
+    client_id = parse_number(client, "client id")
     data = None
     if payload is not None:
         try:
@@ -123,36 +128,44 @@ def submit(
 @app.command()
 @command
 def show(
-    task_id: Annotated[int, typer.Argument(help="Task id.")],
+    task_text: Annotated[str, typer.Argument(metavar="TASK_ID", help="Task id.")],
     as_json: JsonFlag = False,
 ) -> None:
     """Show a task and its history."""
+    task_id = parse_number(task_text, "task id")
     trail = _client()
     task = trail.get(task_id)
     history = trail.history(task_id)
     if as_json:
         print_json({"task": task.to_dict(), "history": [e.to_dict() for e in history]})
         return
+    # Stored text is printed as stored (literal()): a payload's "[red]" is not a style.
     t = Table(show_header=False, box=None)
+    t.add_column(no_wrap=True)
+    t.add_column(overflow="fold")
     for name, value in task.to_dict().items():
-        if name == "status":
-            value = f"[{STATUS_STYLE.get(value, 'white')}]{value}[/]"
-        elif isinstance(value, dict | list):
-            value = json.dumps(value)
-        t.add_row(f"[bold]{name}[/]", "" if value is None else str(value))
+        if isinstance(value, dict | list):
+            value = json.dumps(value, ensure_ascii=False)
+        style = STATUS_STYLE.get(value, "white") if name == "status" else ""
+        t.add_row(literal(name, "bold"), literal(value, style))
     out.print(t)
     h = Table(title=f"history of task {task_id}")
     for col in ("at", "event", "from", "to", "agent", "worker", "detail"):
-        h.add_column(col)
+        h.add_column(col, overflow="fold")
     for e in history:
         h.add_row(
-            e.at.isoformat(timespec="milliseconds"),
-            e.event,
-            e.from_status.value,
-            e.to_status.value,
-            e.agent or "",
-            e.worker or "",
-            e.detail or "",
+            *(
+                literal(cell)
+                for cell in (
+                    e.at.isoformat(timespec="milliseconds"),
+                    e.event,
+                    e.from_status.value,
+                    e.to_status.value,
+                    e.agent,
+                    e.worker,
+                    e.detail,
+                )
+            )
         )
     out.print(h)
 
@@ -243,10 +256,17 @@ def sweep(as_json: JsonFlag = False) -> None:
 
 @app.command()
 @command
-def retry(task_id: Annotated[int, typer.Argument(help="Id of a failed task.")]) -> None:
+def retry(
+    task_text: Annotated[str, typer.Argument(metavar="TASK_ID", help="Id of a failed task.")],
+    as_json: JsonFlag = False,
+) -> None:
     """Send a failed task back to pending."""
+    task_id = parse_number(task_text, "task id")
     _client().retry(task_id)
-    out.print(f"task {task_id} is pending again")
+    if as_json:
+        print_json({"id": task_id, "status": "pending"})
+    else:
+        out.print(f"task {task_id} is pending again", markup=False, highlight=False)
 
 
 @app.command()
@@ -270,7 +290,11 @@ def demo(
     settings = get_settings()
     if not as_json:
         where = "embedded (SQLite, in-process worker)" if settings.embedded else "servers"
-        out.print(f"taskrail demo: {n} tasks on {where}; {settings.describe()['database_url']}")
+        out.print(
+            f"taskrail demo: {n} tasks on {where}; {settings.describe()['database_url']}",
+            markup=False,
+            highlight=False,
+        )
     result = run_demo(
         n,
         console=err if as_json else out,
@@ -395,14 +419,14 @@ def breakers(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         return
     t = Table(title="circuit breakers")
     for col in ("name", "state", "failures", "opened at", "next trial"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")
     for info in infos:
         t.add_row(
-            info.name,
-            f"[{BREAKER_STYLE.get(info.state, 'white')}]{info.state}[/]",
-            f"{info.fail_count}/{info.fail_max}" if info.fail_max else str(info.fail_count),
-            info.opened_at.isoformat(timespec="seconds") if info.opened_at else "",
-            info.next_trial_at.isoformat(timespec="seconds") if info.next_trial_at else "",
+            literal(info.name),
+            literal(info.state, BREAKER_STYLE.get(info.state, "white")),
+            literal(f"{info.fail_count}/{info.fail_max}" if info.fail_max else info.fail_count),
+            literal(info.opened_at.isoformat(timespec="seconds") if info.opened_at else ""),
+            literal(info.next_trial_at.isoformat(timespec="seconds") if info.next_trial_at else ""),
         )
     out.print(t)
     if get_settings().redis_url is None:
@@ -429,7 +453,7 @@ def breakers_reset(
             raise
     finally:
         board.close()
-    out.print(f"breaker {name} is closed")
+    out.print(f"breaker {name} is closed", markup=False, highlight=False)
 
 
 @db_app.command("upgrade")
@@ -441,11 +465,44 @@ def db_upgrade() -> None:
     settings = get_settings()
     database = Database(settings.effective_database_url)
     database.upgrade()
-    out.print(f"schema is current on {database.where}")
+    out.print(f"schema is current on {database.where}", markup=False, highlight=False)
 
 
 def main() -> None:
-    app()
+    """The console script: every failure is one line on stderr and an exit code.
+
+    Usage errors exit 2; taskrail's errors as :func:`errors_as_exit` says; anything
+    unexpected exits 1 with its type and message (and the traceback, redacted, when
+    TASKRAIL_LOG_LEVEL=DEBUG).
+    """
+    from typer.exceptions import Abort, TyperException
+
+    from orchestration.cli_edge import debug_requested, unexpected_error_line
+
+    try:
+        code = app(standalone_mode=False)
+    except TyperException as exc:  # usage: a missing option, no such command, ...
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `taskrail`: the help
+            message = exc.format_message()  # empty when Rich printed the help itself
+            if message:
+                sys.stderr.write(message + "\n")
+        else:
+            print_error(err, exc.format_message())
+        code = exc.exit_code
+    except Abort:
+        print_error(err, "aborted")
+        code = 1
+    except TaskrailError as exc:
+        print_error(err, str(exc))
+        code = exit_code(exc)
+    except Exception as exc:
+        if debug_requested():
+            import traceback
+
+            sys.stderr.write(redact_text("".join(traceback.format_exception(exc))))
+        print_error(err, unexpected_error_line(exc))
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,18 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from orchestration import constants as c
 from orchestration.redact import redact_url
+from orchestration.urls import (
+    check_broker_url,
+    check_database_url,
+    check_redis_url,
+    embedded_broker_folder,
+    password_in_userinfo,
+)
 
 
 class Settings(BaseSettings):
@@ -98,6 +105,19 @@ class Settings(BaseSettings):
             return [m.strip() for m in value.split(",") if m.strip()]
         return value
 
+    @field_validator("database_url", "broker_url", "redis_url")
+    @classmethod
+    def _check_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A URL taskrail cannot use fails here, in one line naming the variable.
+        if not value:  # unset, or set to nothing: the embedded default
+            return None
+        checks = {
+            "database_url": check_database_url,
+            "broker_url": check_broker_url,
+            "redis_url": check_redis_url,
+        }
+        return checks[str(info.field_name)](value)
+
     @property
     def embedded(self) -> bool:
         """True when no broker server is configured (file-system broker, in-process use)."""
@@ -111,10 +131,13 @@ class Settings(BaseSettings):
 
     @property
     def effective_broker_url(self) -> str:
-        return self.broker_url or "taskrailfs://localhost/"
+        return (
+            password_in_userinfo(self.broker_url) if self.broker_url else "taskrailfs://localhost/"
+        )
 
     def broker_folder(self) -> Path:
-        return self.data_dir / "broker"
+        """The embedded broker's folder, beside the database (one queue per database)."""
+        return embedded_broker_folder(self.data_dir, self.database_url)
 
     def describe(self) -> dict[str, str | None]:
         """The settings an operator may want to see, with every password masked."""
