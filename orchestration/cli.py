@@ -208,15 +208,8 @@ def status(as_json: JsonFlag = False) -> None:
         per_min = report.throughput.per_min(state)
         rates.add_row(f"[{STATUS_STYLE[state]}]{state}[/]", *(f"{per_min[w]:g}" for w in windows))
     out.print(Columns([states, rates], padding=(0, 4)))
-    stuck = doc["stuck"]
-    if stuck["count"]:
-        out.print(
-            f"[yellow]stuck:[/] {stuck['count']} active tasks unchanged for over "
-            f"{trail.settings.redrive_after_s:g}s; oldest {stuck['oldest_age_s']}s "
-            "(the sweeper re-drives them; `taskrail sweep` does it now)"
-        )
-    else:
-        out.print("stuck: none")
+    for line in _not_moving_lines(doc, trail.settings.redrive_after_s):
+        out.print(line)
     if "breakers_error" in doc:
         out.print(f"[red]breakers:[/] {doc['breakers_error']}")
     else:
@@ -225,6 +218,50 @@ def status(as_json: JsonFlag = False) -> None:
             f"[{BREAKER_STYLE.get(i.state, 'white')}]{i.name} {i.state}[/]" for i in not_closed
         )
         out.print(f"breakers: {len(infos)}, " + (summary or "all closed"))
+
+
+def _not_moving_lines(doc: dict[str, Any], redrive_after_s: float) -> list[str]:
+    """``taskrail status``'s lines on stuck, over-time-limit and deferred tasks, the sweeper."""
+    stuck, over, deferred, sweeper = (
+        doc[k] for k in ("stuck", "over_time_limit", "deferred", "sweeper")
+    )
+    lines = []
+    if stuck["count"]:
+        queued = (
+            f"; {stuck['preclaimed']} of them pre-claimed (their execute message is queued, "
+            "or lost: re-driven once the execute queue is empty)"
+            if stuck["preclaimed"]
+            else ""
+        )
+        lines.append(
+            f"[yellow]stuck:[/] {stuck['count']} tasks with nothing in flight for over "
+            f"{redrive_after_s:g}s (no live lease, no re-drive, no retry due); oldest "
+            f"{stuck['oldest_age_s']}s{queued}. The sweeper re-drives them; "
+            "`taskrail sweep` does it now"
+        )
+    else:
+        lines.append("stuck: none")
+    if over["count"]:
+        lines.append(
+            f"[yellow]over time limit:[/] {over['count']} tasks running under a live lease "
+            f"past their agent's time limit; oldest {over['oldest_age_s']}s"
+        )
+    if deferred["count"]:
+        lines.append(
+            f"deferred: {deferred['count']} tasks waiting on an open breaker or a retry "
+            f"backoff (not stuck); longest deferral {deferred['longest_deferral_s']}s"
+        )
+    every = f"every {sweeper['interval_s']:g} s"
+    if sweeper["last_run_at"] is None:
+        lines.append(f"[red]sweeper: never ran ({every}); is `celery -A workers beat` running?[/]")
+    else:
+        ran = (
+            f"sweeper: last ran {sweeper['age_s']:g} s ago ({every}), re-drove "
+            f"{sweeper['redriven']} in {sweeper['duration_s']:g} s"
+        )
+        late = "; late: is `celery -A workers beat` running?"
+        lines.append(f"[red]{ran}{late}[/]" if sweeper["late"] else ran)
+    return lines
 
 
 @app.command()
@@ -333,6 +370,7 @@ def metrics(
 
     Basic auth with TASKRAIL_METRICS_AUTH=user:password, or --no-auth.
     """
+    from orchestration.agents import load_agent_modules
     from orchestration.db import Database
     from orchestration.errors import ConfigurationError
     from orchestration.exposition import make_metrics_server, parse_credentials
@@ -354,6 +392,7 @@ def metrics(
             "(workers record their counters in that shared directory)",
             markup=False,
         )
+    load_agent_modules(settings.agents)  # their time limits, for the over-time-limit gauge
     database = Database(settings.effective_database_url, pool_size=1)
     host = host or settings.metrics_host
     port = port or settings.metrics_port
@@ -363,6 +402,7 @@ def metrics(
         port=port,
         credentials=credentials,
         redrive_after_s=settings.redrive_after_s,
+        sweep_interval_s=settings.sweep_interval_s,
     )
     auth = "basic auth" if credentials else "NO auth"
     err.print(f"serving metrics on http://{host}:{port}/metrics ({auth})", markup=False)

@@ -49,6 +49,8 @@ DEFAULT_LEASE_TTL_S = 20.0
 DEFAULT_SWEEP_INTERVAL_S = 5.0
 DEFAULT_REDRIVE_AFTER_S = 15.0
 DEFAULT_SWEEP_BATCH = 500
+# `taskrail status` flags the sweeper when its last pass is this many intervals old.
+SWEEPER_LATE_INTERVALS = 3
 # A lease token that starts with this was pre-claimed by the start hop for an execute
 # message, never taken by a running handler: its expiry means "still queued, or lost".
 PRECLAIM_TOKEN_PREFIX = "q:"

@@ -4,7 +4,15 @@ At each scrape it adds up the samples every worker process wrote to
 ``PROMETHEUS_MULTIPROC_DIR`` (:mod:`orchestration.metrics`) and reads from the database:
 
 - ``taskrail_tasks{state}``: tasks in each state;
-- ``taskrail_tasks_stuck``: active tasks unchanged for longer than ``redrive_after_s``;
+- ``taskrail_tasks_stuck``: active tasks with nothing in flight (what the sweeper
+  re-drives), ``taskrail_tasks_stuck_preclaimed`` those of them whose execute message
+  is still queued or lost, ``taskrail_tasks_over_time_limit`` (in_progress under a live
+  lease for longer than the agent's time limit) and ``taskrail_tasks_deferred`` (an open
+  breaker or a retry backoff): :mod:`orchestration.status`;
+- ``taskrail_sweeper_last_run_timestamp_seconds``, ``..._age_seconds``,
+  ``..._redriven`` and ``..._duration_seconds``: the sweeper's last pass (absent if it
+  never ran), and ``taskrail_sweeper_late``: 1 when it has not run for
+  ``SWEEPER_LATE_INTERVALS`` sweep intervals;
 - ``taskrail_database_up``: 1 when those queries worked, else 0 (and no task gauges).
 
 prometheus-client's own ``start_http_server`` has no authentication, so the registry's
@@ -23,12 +31,12 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from orchestration import constants as c
 from orchestration.db import Database
 from orchestration.errors import ConfigurationError
 from orchestration.logging import get_logger
 from orchestration.metrics import multiprocess_dir
-from orchestration.recovery import stuck_summary
-from orchestration.status import counts_by_state
+from orchestration.status import categories, counts_by_state, sweeper_status
 
 log = get_logger("taskrail.metrics")
 
@@ -39,9 +47,16 @@ REALM = "taskrail metrics"
 class DatabaseCollector:
     """Task gauges computed from the database when Prometheus scrapes."""
 
-    def __init__(self, db: Database, *, redrive_after_s: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        redrive_after_s: float,
+        sweep_interval_s: float = c.DEFAULT_SWEEP_INTERVAL_S,
+    ) -> None:
         self.db = db
         self.redrive_after_s = redrive_after_s
+        self.sweep_interval_s = sweep_interval_s
 
     def describe(self) -> list[Any]:
         return []  # nothing to check for duplicates; keeps register() from querying
@@ -54,7 +69,8 @@ class DatabaseCollector:
         )
         try:
             counts = counts_by_state(self.db)
-            stuck = stuck_summary(self.db, redrive_after_s=self.redrive_after_s)
+            found = categories(self.db, redrive_after_s=self.redrive_after_s)
+            sweeper = sweeper_status(self.db, interval_s=self.sweep_interval_s)
         except Exception as err:
             log.warning("metrics_database_unavailable", error=f"{type(err).__name__}: {err}")
             up.add_metric([], 0)
@@ -68,11 +84,65 @@ class DatabaseCollector:
         for state, n in counts.items():
             tasks.add_metric([state], n)
         yield tasks
+        for name, doc, value in (
+            (
+                "taskrail_tasks_stuck",
+                "Active tasks with nothing in flight: what the sweeper re-drives.",
+                found.stuck.count,
+            ),
+            (
+                "taskrail_tasks_stuck_preclaimed",
+                "Stuck tasks whose pre-claimed execute message is still queued, or lost.",
+                found.stuck.preclaimed,
+            ),
+            (
+                "taskrail_tasks_over_time_limit",
+                "in_progress tasks under a live lease for longer than their agent's time limit.",
+                found.over_time_limit.count,
+            ),
+            (
+                "taskrail_tasks_deferred",
+                "Active tasks waiting on an open breaker or a retry backoff.",
+                found.deferred.count,
+            ),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        yield from self._sweeper(sweeper)
+
+    def _sweeper(self, sweeper: Any) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
         yield GaugeMetricFamily(
-            "taskrail_tasks_stuck",
-            "Active tasks unchanged for longer than TASKRAIL_REDRIVE_AFTER_S.",
-            value=stuck.count,
+            "taskrail_sweeper_late",
+            f"1 when the sweeper has not run for {c.SWEEPER_LATE_INTERVALS} sweep intervals.",
+            value=int(sweeper.late),
         )
+        last = sweeper.last
+        if last is None:
+            return
+        for name, doc, value in (
+            (
+                "taskrail_sweeper_last_run_timestamp_seconds",
+                "When the sweeper's last pass ended (Unix time).",
+                last.last_run_at.timestamp(),
+            ),
+            (
+                "taskrail_sweeper_last_run_age_seconds",
+                "Seconds since the sweeper's last pass ended.",
+                sweeper.age_s,
+            ),
+            (
+                "taskrail_sweeper_last_run_redriven",
+                "Tasks the sweeper's last pass re-drove.",
+                last.redriven,
+            ),
+            (
+                "taskrail_sweeper_last_run_duration_seconds",
+                "How long the sweeper's last pass took.",
+                last.duration_s,
+            ),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
 
 
 class _Forward:
@@ -88,7 +158,13 @@ class _Forward:
         yield from self.source.collect()
 
 
-def build_registry(db: Database, *, redrive_after_s: float, folder: str | None) -> Any:
+def build_registry(
+    db: Database,
+    *,
+    redrive_after_s: float,
+    folder: str | None,
+    sweep_interval_s: float = c.DEFAULT_SWEEP_INTERVAL_S,
+) -> Any:
     """The registry to serve: the database gauges, and every process's samples in ``folder``.
 
     Without ``folder`` (no multiprocess mode) the samples are this process's own.
@@ -101,7 +177,9 @@ def build_registry(db: Database, *, redrive_after_s: float, folder: str | None) 
         multiprocess.MultiProcessCollector(registry, path=folder)
     else:
         registry.register(_Forward(REGISTRY))  # this process's own samples
-    registry.register(DatabaseCollector(db, redrive_after_s=redrive_after_s))
+    registry.register(
+        DatabaseCollector(db, redrive_after_s=redrive_after_s, sweep_interval_s=sweep_interval_s)
+    )
     return registry
 
 
@@ -167,15 +245,20 @@ def make_metrics_server(
     credentials: tuple[str, str] | None,
     redrive_after_s: float,
     folder: str | None = None,
+    sweep_interval_s: float = c.DEFAULT_SWEEP_INTERVAL_S,
 ) -> WSGIServer:
     """A server ready for ``serve_forever()``; raises ConfigurationError if it cannot listen.
 
     ``folder``: the multiprocess sample directory; default ``PROMETHEUS_MULTIPROC_DIR``.
+    The over-time-limit gauge uses the time limits of the agents registered in this
+    process (load TASKRAIL_AGENTS first).
     """
     from prometheus_client import make_wsgi_app
 
     folder = folder if folder is not None else multiprocess_dir()
-    registry = build_registry(db, redrive_after_s=redrive_after_s, folder=folder)
+    registry = build_registry(
+        db, redrive_after_s=redrive_after_s, folder=folder, sweep_interval_s=sweep_interval_s
+    )
     app = protect(make_wsgi_app(registry), credentials)
     try:
         return make_server(

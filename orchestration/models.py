@@ -1,4 +1,5 @@
-"""The tables: ``tasks`` (one row per work item) and ``task_events`` (its audit trail)."""
+"""The tables: ``tasks`` (one row per work item), ``task_events`` (its audit trail) and
+``sweeper_runs`` (the sweeper's last pass)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -156,5 +158,17 @@ class TaskEvent(Base):
         return f"<TaskEvent task={self.task_id} {self.event} {self.from_status}->{self.to_status}>"
 
 
+class SweeperRun(Base):
+    """The sweeper's last pass, one row per sweeper (``taskrail status`` reads it)."""
+
+    __tablename__ = "sweeper_runs"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    last_run_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    redriven: Mapped[int] = mapped_column(Integer, nullable=False)
+    duration_s: Mapped[float] = mapped_column(Float, nullable=False)
+
+
 tasks_table = cast(Table, Task.__table__)
 events_table = cast(Table, TaskEvent.__table__)
+sweeper_runs_table = cast(Table, SweeperRun.__table__)

@@ -16,24 +16,41 @@ A task is stuck when all hold:
 - it is pending, assigned or in_progress, and unchanged for ``redrive_after_s``;
 - no sweep re-drove it within ``redrive_after_s``;
 - no live lease: nobody is running its handler (or the lease expired);
-- no pending retry or deferral: ``not_before`` passed ``redrive_after_s`` ago.
+- no pending retry or deferral: ``not_before`` passed ``redrive_after_s`` ago;
+- while the execute queue holds messages, its lease was not a pre-claim
+  (``lease_owner`` starting with ``PRECLAIM_TOKEN_PREFIX``): the start hop leased the
+  attempt for an execute message that is most likely still queued. Once that queue is
+  empty such a message was lost, and the task is re-driven.
+
+Every pass records when it ran, how many tasks it re-drove and how long it took
+(:func:`record_sweep`) in the database, the one store every deployment has (the
+embedded default has no Redis): ``taskrail status`` and the metrics endpoint read it
+with one primary-key lookup to tell whether the sweeper runs at all.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Executable, bindparam, func, select, text
+from sqlalchemy import Executable, bindparam, select, text
+from sqlalchemy.dialects import postgresql, sqlite
 
 from orchestration import constants as c
 from orchestration.agents import registry
 from orchestration.db import Database
 from orchestration.dispatch import Dispatcher
 from orchestration.logging import get_logger
-from orchestration.models import ACTIVE_STATUSES, TaskStatus, tasks_table, utcnow
+from orchestration.models import (
+    ACTIVE_STATUSES,
+    TaskStatus,
+    sweeper_runs_table,
+    tasks_table,
+    utcnow,
+)
 
 log = get_logger("taskrail.recovery")
 
@@ -50,6 +67,21 @@ _STUCK = (
     "AND (lease_expires_at IS NULL OR lease_expires_at < :now) "
     "AND (not_before IS NULL OR not_before < :cutoff)"
 )
+# A lease the start hop pre-claimed for an execute message (no handler ever ran it).
+PRECLAIMED = "substr(lease_owner, 1, :preclaim_len) = :preclaim_prefix"
+_NOT_PRECLAIMED = f" AND (lease_owner IS NULL OR NOT {PRECLAIMED})"
+# The bind parameters of PRECLAIMED.
+PRECLAIM_PARAMS = {
+    "preclaim_len": len(c.PRECLAIM_TOKEN_PREFIX),
+    "preclaim_prefix": c.PRECLAIM_TOKEN_PREFIX,
+}
+# The name of the row in sweeper_runs that every sweep pass rewrites.
+SWEEPER_NAME = "sweeper"
+
+
+def stuck_condition(statuses: tuple[TaskStatus, ...] = ACTIVE_STATUSES) -> str:
+    """The SQL condition of a stuck task (binds ``:cutoff`` and ``:now``)."""
+    return _STUCK.format(statuses=", ".join(f"'{s.value}'" for s in statuses))
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,13 +95,16 @@ class Redrive:
     agent: str | None
 
 
-@functools.lru_cache(maxsize=8)
-def _claim_sql(skip_locked: bool, statuses: tuple[TaskStatus, ...]) -> Executable:
+@functools.lru_cache(maxsize=16)
+def _claim_sql(
+    skip_locked: bool, statuses: tuple[TaskStatus, ...], skip_preclaimed: bool
+) -> Executable:
     t = tasks_table.c
-    stuck = _STUCK.format(statuses=", ".join(f"'{s.value}'" for s in statuses))
+    stuck = stuck_condition(statuses) + (_NOT_PRECLAIMED if skip_preclaimed else "")
     pick = f"SELECT id FROM tasks WHERE {stuck} ORDER BY updated_at LIMIT :batch"
     returning = (
-        "RETURNING tasks.id, tasks.status, tasks.task_type, tasks.attempts, tasks.assigned_agent"
+        "RETURNING tasks.id, tasks.status, tasks.task_type, tasks.attempts, "
+        "tasks.assigned_agent, tasks.lease_owner"
     )
     if skip_locked:
         # PostgreSQL: lock the picked rows in a CTE, so the LIMIT holds (an IN (subquery)
@@ -87,7 +122,7 @@ def _claim_sql(skip_locked: bool, statuses: tuple[TaskStatus, ...]) -> Executabl
             bindparam("now", type_=t.updated_at.type),
             bindparam("cutoff", type_=t.updated_at.type),
         )
-        .columns(t.id, t.status, t.task_type, t.attempts, t.assigned_agent)
+        .columns(t.id, t.status, t.task_type, t.attempts, t.assigned_agent, t.lease_owner)
     )
 
 
@@ -97,12 +132,26 @@ def claim_stuck(
     redrive_after_s: float,
     batch: int,
     statuses: tuple[TaskStatus, ...] = ACTIVE_STATUSES,
+    skip_preclaimed: bool = False,
 ) -> list[Redrive]:
-    """Claim up to ``batch`` stuck tasks in ``statuses``, oldest first, with their hops."""
+    """Claim up to ``batch`` stuck tasks in ``statuses``, oldest first, with their hops.
+
+    ``skip_preclaimed``: leave tasks whose expired lease is a pre-claim (their execute
+    message is most likely still queued). An in_progress task with a lease owner is
+    re-driven as ``[task_id, attempts - 1, agent, lease_owner]``, so the execute hop
+    takes over that very attempt; without one as ``[task_id, attempts, agent]``.
+    """
     now = utcnow()
-    params = {"now": now, "cutoff": now - timedelta(seconds=redrive_after_s), "batch": batch}
+    params: dict[str, Any] = {
+        "now": now,
+        "cutoff": now - timedelta(seconds=redrive_after_s),
+        "batch": batch,
+    }
+    if skip_preclaimed:
+        params.update(PRECLAIM_PARAMS)
+    sql = _claim_sql(db.is_postgres, statuses, skip_preclaimed)
     with db.begin() as conn:
-        rows = conn.execute(_claim_sql(db.is_postgres, statuses), params).mappings().all()
+        rows = conn.execute(sql, params).mappings().all()
     redrives = []
     for row in sorted(rows, key=lambda r: r["id"]):
         status = TaskStatus(row["status"])
@@ -110,6 +159,8 @@ def claim_stuck(
             args: list[Any] = [row["id"], row["task_type"]]
         elif status is TaskStatus.ASSIGNED:
             args = [row["id"]]
+        elif row["lease_owner"]:
+            args = [row["id"], row["attempts"] - 1, row["assigned_agent"], row["lease_owner"]]
         else:
             args = [row["id"], row["attempts"], row["assigned_agent"]]
         redrives.append(
@@ -118,52 +169,42 @@ def claim_stuck(
     return redrives
 
 
-@dataclass(frozen=True, slots=True)
-class StuckSummary:
-    count: int
-    oldest_updated_at: datetime | None
-
-    def to_dict(self) -> dict[str, Any]:
-        oldest = self.oldest_updated_at
-        return {
-            "count": self.count,
-            "oldest_updated_at": oldest.isoformat() if oldest else None,
-            "oldest_age_s": round((utcnow() - oldest).total_seconds(), 1) if oldest else None,
-        }
-
-
-def stuck_summary(db: Database, *, redrive_after_s: float) -> StuckSummary:
-    """How many active tasks have not moved for ``redrive_after_s``, and the oldest one."""
-    t = tasks_table.c
-    cutoff = utcnow() - timedelta(seconds=redrive_after_s)
-    with db.connect() as conn:
-        count, oldest = conn.execute(
-            select(func.count(), func.min(t.updated_at)).where(
-                t.status.in_(ACTIVE_STATUSES), t.updated_at < cutoff
-            )
-        ).one()
-    return StuckSummary(count, oldest)
-
-
 def sweep(
     db: Database, dispatcher: Dispatcher, *, redrive_after_s: float, batch: int
 ) -> list[Redrive]:
     """Claim stuck tasks and send the hop that drives each. Returns what was re-driven.
 
     A message that cannot be sent stays claimed; the task is picked up again after
-    ``redrive_after_s``. Raises BrokerUnavailable after claiming if the broker is down.
+    ``redrive_after_s``. Raises BrokerUnavailable after claiming if the broker is down,
+    DatabaseUnavailable if the database is. A pass that completes is recorded
+    (:func:`record_sweep`).
 
     While the hops queue holds a backlog (more than ``batch`` messages), pending and
-    assigned tasks are most likely still queued, not lost: only tasks whose handler's
-    worker died (in_progress, lease expired) are re-driven, so a backlog is not sent
-    again on every pass.
+    assigned tasks are most likely still queued, not lost: only in_progress tasks are
+    re-driven, so a backlog is not sent again on every pass. Likewise, while the
+    execute queue holds any message, a task whose expired lease is a pre-claim is left
+    alone: its message is waiting there. Messages a worker has reserved but not yet
+    acknowledged are not counted (the Redis transport keeps every queue's in one hash):
+    a pre-claim waiting in a prefetch buffer while the queue is empty is re-driven, and
+    its copy takes over the same attempt by its lease owner.
     """
+    started = time.perf_counter()
     statuses: tuple[TaskStatus, ...] = ACTIVE_STATUSES
     backlog = dispatcher.queue_depth(c.QUEUE_HOPS)
     if backlog is not None and backlog > batch:
         statuses = (TaskStatus.IN_PROGRESS,)
         log.info("sweep_backlog", queue=c.QUEUE_HOPS, messages=backlog)
-    redrives = claim_stuck(db, redrive_after_s=redrive_after_s, batch=batch, statuses=statuses)
+    queued = dispatcher.queue_depth(c.QUEUE_EXECUTE)
+    skip_preclaimed = bool(queued)
+    if skip_preclaimed:
+        log.info("sweep_backlog", queue=c.QUEUE_EXECUTE, messages=queued)
+    redrives = claim_stuck(
+        db,
+        redrive_after_s=redrive_after_s,
+        batch=batch,
+        statuses=statuses,
+        skip_preclaimed=skip_preclaimed,
+    )
     for redrive in redrives:
         options: dict[str, Any] = {}
         if redrive.hop == c.HOP_EXECUTE and redrive.agent:
@@ -176,4 +217,44 @@ def sweep(
             status=redrive.status.value,
             hop=redrive.hop,
         )
+    record_sweep(db, redriven=len(redrives), duration_s=time.perf_counter() - started)
     return redrives
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRecord:
+    """The sweeper's last pass, as :func:`record_sweep` wrote it."""
+
+    last_run_at: datetime
+    redriven: int
+    duration_s: float
+
+
+def record_sweep(
+    db: Database, *, redriven: int, duration_s: float, at: datetime | None = None
+) -> None:
+    """Rewrite the sweeper's row: this pass ran ``at`` (default now). One statement."""
+    values = {
+        "name": SWEEPER_NAME,
+        "last_run_at": at or utcnow(),
+        "redriven": redriven,
+        "duration_s": round(duration_s, 6),
+    }
+    dialect = postgresql if db.is_postgres else sqlite
+    stmt = dialect.insert(sweeper_runs_table).values(values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["name"],
+        set_={k: stmt.excluded[k] for k in ("last_run_at", "redriven", "duration_s")},
+    )
+    with db.begin() as conn:
+        conn.execute(stmt)
+
+
+def last_sweep(db: Database) -> SweepRecord | None:
+    """The sweeper's last recorded pass, or None if it never ran."""
+    t = sweeper_runs_table.c
+    with db.connect() as conn:
+        row = conn.execute(
+            select(t.last_run_at, t.redriven, t.duration_s).where(t.name == SWEEPER_NAME)
+        ).first()
+    return SweepRecord(row[0], int(row[1]), float(row[2])) if row is not None else None

@@ -61,7 +61,7 @@ def pg_db(pg_url: str) -> Iterator[Database]:
     """The session database, emptied before the test."""
     db = Database(pg_url)
     with db.begin() as conn:
-        conn.execute(text("TRUNCATE tasks, task_events RESTART IDENTITY CASCADE"))
+        conn.execute(text("TRUNCATE tasks, task_events, sweeper_runs RESTART IDENTITY CASCADE"))
     yield db
     db.dispose()
 

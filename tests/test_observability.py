@@ -262,3 +262,257 @@ def test_status_throughput_counts_each_window(sqlite_db: Database) -> None:
     assert report["counts"]["completed"] == 7
     assert report["total"] == 9
     assert report["stuck"]["count"] == 0
+
+
+# -- what status calls stuck, and the sweeper's last pass (issue 18.13) -----------------------
+
+# The agents of the category tests and their time limits (passed in: no registry needed).
+LIMITS = {"brief_agent": 10.0, "patient_agent": 3600.0}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])
+def any_db(request: pytest.FixtureRequest) -> Database:
+    """The test's database on SQLite, then on PostgreSQL (the session's, emptied)."""
+    fixture = "sqlite_db" if request.param == "sqlite" else "pg_db"
+    db: Database = request.getfixturevalue(fixture)
+    return db
+
+
+@pytest.fixture
+def limited_agents() -> Iterator[None]:
+    """brief_agent and patient_agent registered with the time limits of LIMITS."""
+    from orchestration.agents import AgentSpec, registry
+
+    def handler(task: Any) -> None:
+        return None
+
+    for name, limit_s in LIMITS.items():
+        registry.register(AgentSpec(name, handler, (f"{name}_type",), time_limit_s=limit_s))
+    yield
+    for name in LIMITS:
+        registry.unregister(name)
+
+
+def _seed_not_moving(db: Database) -> dict[str, int]:
+    """One task of each kind that has not moved for a minute or more; returns their ids."""
+    now = utcnow()
+    ago = lambda s: now - timedelta(seconds=s)  # noqa: E731
+    live, expired = ago(-30), ago(5)
+    kinds: dict[str, dict[str, Any]] = {
+        # nothing in flight: the sweeper's business
+        "lost_pending": {"status": "pending", "updated_at": ago(60)},
+        "dead_handler": {
+            "status": "in_progress",
+            "updated_at": ago(90),
+            "assigned_agent": "brief_agent",
+            "attempts": 1,
+            "lease_owner": "r:w1@host/abc",
+            "lease_expires_at": expired,
+        },
+        "queued_preclaim": {
+            "status": "in_progress",
+            "updated_at": ago(40),
+            "assigned_agent": "patient_agent",
+            "attempts": 1,
+            "lease_owner": "q:w1@host/def",
+            "lease_expires_at": expired,
+        },
+        # running past the agent's time limit under a live lease (default 300 s if unknown)
+        "overrun_fast": {
+            "status": "in_progress",
+            "updated_at": ago(60),
+            "assigned_agent": "brief_agent",
+            "attempts": 1,
+            "lease_owner": "r:w2@host/1",
+            "lease_expires_at": live,
+        },
+        "overrun_unknown": {
+            "status": "in_progress",
+            "updated_at": ago(400),
+            "assigned_agent": "gone_agent",
+            "attempts": 1,
+            "lease_owner": "r:w2@host/2",
+            "lease_expires_at": live,
+        },
+        # waiting on an open breaker, or a retry backoff: not stuck
+        "breaker_open": {
+            "status": "in_progress",
+            "updated_at": ago(60),
+            "assigned_agent": "brief_agent",
+            "not_before": ago(-20),
+            "deferred_since": ago(120),
+        },
+        "backoff": {
+            "status": "in_progress",
+            "updated_at": ago(30),
+            "assigned_agent": "brief_agent",
+            "attempts": 1,
+            "not_before": ago(-5),
+        },
+        # none of these: a slow handler within its limit, a task just re-driven, a fresh one
+        "slow_within_limit": {
+            "status": "in_progress",
+            "updated_at": ago(600),
+            "assigned_agent": "patient_agent",
+            "attempts": 1,
+            "lease_owner": "r:w3@host/3",
+            "lease_expires_at": live,
+        },
+        "just_redriven": {"status": "assigned", "updated_at": ago(60), "redriven_at": ago(2)},
+        "fresh": {"status": "pending", "updated_at": now},
+        "done": {"status": "completed", "updated_at": ago(60), "completed_at": ago(60)},
+    }
+    ids = {}
+    for name, row in kinds.items():
+        with db.begin() as conn:
+            ids[name] = conn.execute(
+                insert(tasks_table).returning(tasks_table.c.id),
+                {
+                    "client_id": 1,
+                    "task_type": "payroll",
+                    "payload": {},
+                    "attempts": 0,
+                    "created_at": now - timedelta(hours=1),
+                    **row,
+                },
+            ).scalar_one()
+    return ids
+
+
+def test_status_tells_stuck_from_deferred_and_over_time_limit(any_db: Database) -> None:
+    # Given tasks that have not moved for a while, for different reasons
+    _seed_not_moving(any_db)
+    # When the status report is built
+    doc = status_report(any_db, redrive_after_s=15, time_limits=LIMITS).to_dict()
+    # Then only the tasks with nothing in flight are stuck, one of them a queued pre-claim
+    assert doc["stuck"]["count"] == 3
+    assert doc["stuck"]["preclaimed"] == 1
+    assert 89 <= doc["stuck"]["oldest_age_s"] < 120
+    # and the live leases past their agent's limit are shown as such
+    assert doc["over_time_limit"]["count"] == 2
+    assert 399 <= doc["over_time_limit"]["oldest_age_s"] < 430
+    # and the deferred ones are not stuck
+    assert doc["deferred"]["count"] == 2
+    assert 119 <= doc["deferred"]["longest_deferral_s"] < 150
+    # and the sweeper never ran
+    assert doc["sweeper"] == {
+        "last_run_at": None,
+        "age_s": None,
+        "interval_s": 5.0,
+        "redriven": None,
+        "duration_s": None,
+        "late": True,
+    }
+
+
+def test_the_sweeper_records_every_pass_and_status_flags_a_late_one(any_db: Database) -> None:
+    from orchestration.recovery import last_sweep, record_sweep
+
+    # Given a sweeper that ran 4 s ago, every 5 s
+    record_sweep(any_db, redriven=7, duration_s=0.25, at=utcnow() - timedelta(seconds=4))
+    record_sweep(any_db, redriven=3, duration_s=0.125, at=utcnow() - timedelta(seconds=2))
+    # Then its last pass is one row, rewritten
+    last = last_sweep(any_db)
+    assert last is not None and (last.redriven, last.duration_s) == (3, 0.125)
+    fine = status_report(any_db, redrive_after_s=15, sweep_interval_s=5).to_dict()["sweeper"]
+    assert fine["late"] is False and 2 <= fine["age_s"] < 10
+    assert (fine["redriven"], fine["duration_s"], fine["interval_s"]) == (3, 0.125, 5)
+    # When it has not run for more than 3 intervals
+    record_sweep(any_db, redriven=0, duration_s=0.01, at=utcnow() - timedelta(seconds=16))
+    late = status_report(any_db, redrive_after_s=15, sweep_interval_s=5).to_dict()["sweeper"]
+    # Then status flags it
+    assert late["late"] is True and late["age_s"] >= 16
+
+
+def test_status_screen_and_json_show_each_category(
+    embedded: Any, limited_agents: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from orchestration import api
+    from orchestration.cli import app
+    from orchestration.recovery import record_sweep
+
+    # Given the embedded database with tasks of each kind and a sweeper 60 s late
+    monkeypatch.setenv("TASKRAIL_SWEEP_INTERVAL_S", "5")
+    db = api.client().db
+    _seed_not_moving(db)
+    record_sweep(db, redriven=2, duration_s=0.5, at=utcnow() - timedelta(seconds=60))
+    runner = CliRunner()
+    # When an operator runs `taskrail status` and `taskrail status --json`
+    screen = runner.invoke(app, ["status"], env={"COLUMNS": "300"})
+    doc = json.loads(runner.invoke(app, ["status", "--json"]).stdout)
+    # Then the screen tells each category apart, and the sweeper's lateness
+    assert screen.exit_code == 0, screen.output
+    text = " ".join(screen.stdout.split())
+    assert "stuck: 3 tasks with nothing in flight" in text
+    assert "1 of them pre-claimed" in text
+    assert "over time limit: 2 tasks" in text  # gone_agent: the default 300 s limit
+    assert "deferred: 2 tasks waiting on an open breaker or a retry backoff" in text
+    assert "sweeper: last ran 60 s ago (every 5 s), re-drove 2 in 0.5 s; late" in text
+    # and --json carries the same
+    assert doc["stuck"]["count"] == 3 and doc["deferred"]["count"] == 2
+    assert doc["over_time_limit"]["count"] == 2
+    assert doc["sweeper"]["late"] is True and doc["sweeper"]["redriven"] == 2
+
+
+def test_metrics_show_each_category_and_the_sweeper(
+    any_db: Database, limited_agents: None, tmp_path: Path
+) -> None:
+    from prometheus_client import generate_latest
+
+    from orchestration.recovery import record_sweep
+
+    # Given tasks of each kind and a sweeper that ran 20 s ago, every 5 s
+    _seed_not_moving(any_db)
+    ran_at = utcnow() - timedelta(seconds=20)
+    record_sweep(any_db, redriven=4, duration_s=0.5, at=ran_at)
+    # When Prometheus scrapes
+    registry = build_registry(
+        any_db, redrive_after_s=15, folder=str(tmp_path / "m"), sweep_interval_s=5
+    )
+    s = _samples(generate_latest(registry).decode())
+    # Then each category has its gauge, with the registered agents' time limits
+    assert _value(s, "taskrail_tasks_stuck") == 3
+    assert _value(s, "taskrail_tasks_stuck_preclaimed") == 1
+    assert _value(s, "taskrail_tasks_over_time_limit") == 2
+    assert _value(s, "taskrail_tasks_deferred") == 2
+    # and the sweeper's last pass, flagged late
+    assert _value(s, "taskrail_sweeper_late") == 1
+    assert _value(s, "taskrail_sweeper_last_run_redriven") == 4
+    assert _value(s, "taskrail_sweeper_last_run_duration_seconds") == 0.5
+    assert _value(s, "taskrail_sweeper_last_run_timestamp_seconds") == pytest.approx(
+        ran_at.timestamp(), abs=0.01
+    )
+    assert 20 <= (_value(s, "taskrail_sweeper_last_run_age_seconds") or 0) < 40
+
+
+def test_a_sweep_during_a_database_outage_logs_a_retry_not_a_traceback(tmp_path: Path) -> None:
+    # Given a sweeper whose database is down
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRAIL_")}
+    env.update(
+        TASKRAIL_DATABASE_URL="postgresql://taskrail:s3cret@127.0.0.1:1/taskrail",
+        TASKRAIL_DATA_DIR=str(tmp_path / "data"),
+        TASKRAIL_AGENTS="demo_agents",
+        TASKRAIL_LOG_FORMAT="json",
+        PYTHONPATH=str(REPO),
+    )
+    script = (
+        "from orchestration.logging import configure_logging\n"
+        "configure_logging('json', 'INFO')\n"
+        "from workers.sweeper import sweep\n"
+        "print('redriven', sweep())\n"
+    )
+    # When a pass runs
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    # Then it logs one warning that the next pass retries, and no traceback
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("redriven 0")
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    retries = [line for line in lines if line.get("event") == "sweep_retry_later"]
+    assert len(retries) == 1 and retries[0]["level"] == "warning", done.stderr
+    assert retries[0]["error_type"] == "DatabaseUnavailable"
+    assert "s3cret" not in done.stderr and "Traceback" not in done.stderr

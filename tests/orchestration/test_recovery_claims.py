@@ -8,7 +8,8 @@ from sqlalchemy import update
 
 from orchestration import api
 from orchestration.models import TaskStatus, tasks_table, utcnow
-from orchestration.recovery import claim_stuck, stuck_summary
+from orchestration.recovery import claim_stuck
+from orchestration.status import categories
 
 
 def _age(trail: api.Taskrail, ids: list[int], seconds: float, **values: object) -> None:
@@ -49,14 +50,14 @@ def test_claims_each_stuck_task_once_with_the_hop_that_drives_it(embedded) -> No
         lease_expires_at=utcnow() + timedelta(seconds=30),
     )
     _age(trail, [done], 60, status=TaskStatus.COMPLETED)
-    assert stuck_summary(trail.db, redrive_after_s=15).count == 4
+    assert categories(trail.db, redrive_after_s=15).stuck.count == 3  # not the leased one
     # When the sweeper claims
     first = claim_stuck(trail.db, redrive_after_s=15, batch=100)
     # Then each stuck task comes with its hop and arguments, the rest are left alone
     assert {(r.task_id, r.hop, tuple(r.args)) for r in first} == {
         (pending, "taskrail.assign", (pending, "payroll")),
         (assigned, "taskrail.start", (assigned,)),
-        (running, "taskrail.execute", (running, 1, "payroll_agent")),
+        (running, "taskrail.execute", (running, 0, "payroll_agent", "dead")),
     }
     assert fresh not in {r.task_id for r in first}
     # and a second pass right after claims nothing: a task is re-driven once per delay
