@@ -22,10 +22,12 @@ def key(name: str) -> str:
 
 
 def _counter() -> redis.Redis:
-    """Where test agents count their calls: the machine's Redis, database 10."""
-    return redis.Redis.from_url(
-        os.environ.get("TASKRAIL_TEST_COUNTER_URL", "redis://127.0.0.1:6379/10")
-    )
+    """Where test agents count their calls: TASKRAIL_TEST_COUNTER_URL, a Redis of the tests'
+    own (tests/conftest.py ``counter_url``, tests/chaos/conftest.py ``counter_server``)."""
+    url = os.environ.get("TASKRAIL_TEST_COUNTER_URL")
+    if not url:
+        raise RuntimeError("TASKRAIL_TEST_COUNTER_URL is not set: the test agents count there")
+    return redis.Redis.from_url(url)
 
 
 @agent("echo_agent", task_types=["echo"])

@@ -1,7 +1,11 @@
-"""Fixtures: real PostgreSQL and Redis on 127.0.0.1, real worker processes.
+"""Fixtures: real PostgreSQL on 127.0.0.1, a redis-server of the session's own, real workers.
 
-A server that cannot be reached fails the test (never skips it): CI must go red
-when the distributed path cannot be tested.
+The session starts its own ``redis-server`` on a spare port (broker, breaker state and
+the test agents' counters, each in a database of its own) and stops it at the end: the
+suite never flushes or fills a Redis it did not start. PostgreSQL is the machine's, in
+a database the session creates and drops. A server that cannot be reached or started
+fails the test (never skips it): CI must go red when the distributed path cannot be
+tested.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 from sqlalchemy import create_engine, text
 
 from orchestration.db import Database
@@ -21,15 +24,17 @@ from tests.support import (
     BREAKER_NAMESPACE,
     KEY_PREFIX,
     PG_ADMIN_URL,
-    REDIS_HOST_URL,
     REPO,
+    OwnRedis,
     WorkerFleet,
     purge,
     settings_from,
 )
 
+# Databases of the session's redis-server.
 BROKER_DB = 9
 BREAKER_DB = 10
+COUNTER_DB = 11
 
 
 def _fail_unreachable(what: str, err: Exception) -> None:
@@ -67,18 +72,21 @@ def pg_db(pg_url: str) -> Iterator[Database]:
 
 
 @pytest.fixture(scope="session")
-def redis_server() -> str:
-    client = redis.Redis.from_url(REDIS_HOST_URL)
+def redis_server() -> Iterator[str]:
+    """This session's own redis-server on a spare port: its URL without a database."""
+    server = OwnRedis()
     try:
-        client.ping()
+        server.start()
     except Exception as err:
-        _fail_unreachable("Redis at 127.0.0.1:6379", err)
-    return REDIS_HOST_URL
+        server.stop()
+        pytest.fail(f"could not start a redis-server of the session's own: {err}", pytrace=False)
+    yield f"redis://127.0.0.1:{server.port}"
+    server.stop()
 
 
 @pytest.fixture
 def broker_url(redis_server: str) -> str:
-    """A Redis database for the broker, flushed before the test."""
+    """A Redis database for the broker, this session's keys deleted before the test."""
     purge(f"{redis_server}/{BROKER_DB}", KEY_PREFIX)
     return f"{redis_server}/{BROKER_DB}"
 
@@ -91,8 +99,20 @@ def breaker_redis_url(redis_server: str) -> str:
 
 
 @pytest.fixture
+def counter_url(redis_server: str) -> str:
+    """Where the test agents (tests/agents.py) count calls: TASKRAIL_TEST_COUNTER_URL."""
+    purge(f"{redis_server}/{COUNTER_DB}", KEY_PREFIX)
+    return f"{redis_server}/{COUNTER_DB}"
+
+
+@pytest.fixture
 def server_env(
-    pg_db: Database, pg_url: str, broker_url: str, breaker_redis_url: str, tmp_path: Path
+    pg_db: Database,
+    pg_url: str,
+    broker_url: str,
+    breaker_redis_url: str,
+    counter_url: str,
+    tmp_path: Path,
 ) -> dict[str, str]:
     """Environment for processes that use the real servers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRAIL_")}
@@ -103,6 +123,7 @@ def server_env(
         TASKRAIL_BROKER_KEY_PREFIX=KEY_PREFIX,
         TASKRAIL_BREAKER_NAMESPACE=BREAKER_NAMESPACE,
         TASKRAIL_TEST_KEY_PREFIX=KEY_PREFIX,
+        TASKRAIL_TEST_COUNTER_URL=counter_url,
         TASKRAIL_AGENTS="demo_agents,tests.agents",
         TASKRAIL_LOG_FORMAT="json",
         TASKRAIL_RETRY_BACKOFF_BASE_S="0.1",

@@ -22,11 +22,10 @@ REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get(
     "TASKRAIL_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-REDIS_HOST_URL = os.environ.get("TASKRAIL_TEST_REDIS", "redis://127.0.0.1:6379")
 RESTING = {"completed", "failed", "escalated"}
 
-# Every key this test session writes to the shared Redis starts with its own prefix, so
-# that two test sessions on one machine never consume each other's messages.
+# Every key this test session writes starts with its own prefix. The suite's Redis is a
+# redis-server of its own (tests/conftest.py), so the prefix is a second guard only.
 SESSION = uuid.uuid4().hex[:8]
 KEY_PREFIX = f"t{SESSION}:"
 BREAKER_NAMESPACE = f"taskrail-{SESSION}"

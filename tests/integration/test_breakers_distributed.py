@@ -24,8 +24,6 @@ from tests.support import (
 
 pytestmark = pytest.mark.integration
 
-COUNTER_URL = "redis://127.0.0.1:6379/10"
-
 
 def _wait_for(predicate, timeout: float, what: str, interval: float = 0.05):  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
@@ -54,10 +52,10 @@ def _attempts(pg_url: str, ids: list[int]) -> dict[int, tuple[str, int]]:
 
 
 def test_open_breaker_stops_calls_cluster_wide_then_one_trial_then_recovery(
-    server_settings, breaker_redis_url: str, pg_url: str, fleet: WorkerFleet
+    server_settings, breaker_redis_url: str, pg_url: str, fleet: WorkerFleet, counter_url: str
 ) -> None:
     # Given a service that is down and two worker processes sharing its breaker
-    counter = redis.Redis.from_url(COUNTER_URL)
+    counter = redis.Redis.from_url(counter_url)
     counter.set(key("svc:down"), "1")
     board = BreakerBoard(breaker_redis_url, namespace=BREAKER_NAMESPACE)
     fleet.start(concurrency=2)
@@ -97,10 +95,10 @@ def test_open_breaker_stops_calls_cluster_wide_then_one_trial_then_recovery(
 
 
 def test_breaker_open_longer_than_max_deferral_escalates(
-    server_settings, pg_url: str, fleet: WorkerFleet
+    server_settings, pg_url: str, fleet: WorkerFleet, counter_url: str
 ) -> None:
     # Given an agent whose service stays down longer than its max_deferral_s (3 s)
-    counter = redis.Redis.from_url(COUNTER_URL)
+    counter = redis.Redis.from_url(counter_url)
     counter.set(key("doomed:down"), "1")
     fleet.start(concurrency=2)
     # When tasks need it
@@ -117,10 +115,10 @@ def test_breaker_open_longer_than_max_deferral_escalates(
 
 
 def test_assign_prefers_the_agent_whose_breaker_is_closed(
-    server_settings, breaker_redis_url: str, pg_url: str, fleet: WorkerFleet
+    server_settings, breaker_redis_url: str, pg_url: str, fleet: WorkerFleet, counter_url: str
 ) -> None:
     # Given two agents for one task type, one of them broken
-    counter = redis.Redis.from_url(COUNTER_URL)
+    counter = redis.Redis.from_url(counter_url)
     counter.set(key("dual_broken:down"), "1")
     board = BreakerBoard(breaker_redis_url, namespace=BREAKER_NAMESPACE)
     fleet.start(concurrency=2)

@@ -45,11 +45,11 @@ def test_lost_messages_are_redriven_by_the_sweeper(
 
 
 def test_worker_killed_mid_handler_with_one_hour_limit_is_redriven_within_60s(
-    server_settings, breaker_redis_url: str, pg_url: str, fleet: WorkerFleet
+    server_settings, counter_url: str, pg_url: str, fleet: WorkerFleet
 ) -> None:
     # Given an agent with a one-hour time limit whose first call takes 10 minutes,
     # default recovery settings, one worker and beat
-    calls = redis.Redis.from_url(breaker_redis_url)
+    calls = redis.Redis.from_url(counter_url)
     victim = fleet.start(concurrency=1)
     fleet.start_beat()
     task_id = api.submit("slow", 1, {"first_sleep_s": 600})

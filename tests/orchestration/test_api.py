@@ -431,10 +431,9 @@ def test_unreachable_database_names_host_and_hides_password(
 
 # -- real PostgreSQL and Redis ------------------------------------------------------------------
 
-# A Redis database of this module's own for the broker. The suite's broker database (9,
-# flushed by the `broker_url` fixture) is where worker processes of other test runs
-# against the same Redis consume; they would take, and those runs' fixtures flush,
-# the messages these tests count.
+# A database of the session's own redis-server (conftest `redis_server`) for this
+# module's broker, flushed before each test: no worker consumes there, so the messages
+# these tests count stay put.
 API_BROKER_DB = 14
 
 
