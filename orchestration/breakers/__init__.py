@@ -62,12 +62,18 @@ Keys, with namespace ``N`` (default ``taskrail``) and breaker name ``B``
 
 - ``N:breaker:B``: hash ``state``, ``fail_count``, ``epoch`` (bumped on every close;
   failures of calls admitted before it are not counted), ``opened_at_ms``,
-  ``next_trial_ms`` (Redis server clock), ``fail_max``, ``reset_timeout_ms``.
+  ``next_trial_ms`` (Redis server clock), ``fail_max``, ``reset_timeout_ms``, and
+  ``success_count`` (half-open successes of a stock ``pybreaker.CircuitBreaker`` using
+  ``RedisBreakerStorage`` as its ``state_storage``; SharedBreaker never sets it).
 - ``N:breaker-trial:B``: the half-open trial lease (a token, with a PX expiry).
 - ``N:breakers``: set of every breaker name, for ``BreakerBoard.list()``.
 
 Multi-key scripts touch one breaker's keys plus the registry: Redis Cluster is not
 supported.
+
+pybreaker's options on a SharedBreaker (``breaker.circuit``): listeners, guarded
+generators and ``throw_new_error_on_trip`` work as in pybreaker; ``success_threshold``
+other than 1 is refused (see :mod:`.breaker`).
 
 Exceptions::
 

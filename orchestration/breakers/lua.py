@@ -153,12 +153,18 @@ return reply()
 """
 )
 
-# ARGV: name, reset_timeout_ms. Open now (operator trip, pybreaker's CircuitBreaker.open()).
+# ARGV: name, reset_timeout_ms. Open now (operator trip, pybreaker's CircuitBreaker.open()):
+# an open breaker's reset timeout starts again, with no state change to report.
 FORCE_OPEN = (
     _PRELUDE
     + """
 register()
-if state ~= 'open' then open_now(ARGV[2]) end
+if state ~= 'open' then
+  open_now(ARGV[2])
+else
+  opened, next_trial = int(now), int(now + tonumber(ARGV[2]))
+  redis.call('HSET', key, 'opened_at_ms', opened, 'next_trial_ms', next_trial)
+end
 verdict = 'applied'
 return reply()
 """

@@ -133,8 +133,17 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
     pybreaker's own storage keeps ``state``, ``fail_counter`` and ``opened_at`` in
     separate keys changed by separate commands, reads state bytes with ``.decode()``
     (breaks under ``decode_responses=True``) and turns a Redis error into "closed".
-    This subclass keeps one hash per breaker, changes it only in scripts, and lets
-    Redis errors propagate.
+    This subclass keeps one hash per breaker, changes it in scripts (SharedBreaker's
+    path), and lets Redis errors propagate.
+
+    As a stock breaker's storage::
+
+        storage = RedisBreakerStorage(client, Scripts(client), "taskrail", "billing")
+        breaker = pybreaker.CircuitBreaker(fail_max=5, reset_timeout=60,
+                                           state_storage=storage)
+
+    pybreaker's interface then reads the hash (writing nothing) and writes it one
+    command at a time, as pybreaker's own storage does.
     """
 
     def __init__(self, client: redis.Redis, scripts: Scripts, namespace: str, name: str) -> None:
@@ -394,8 +403,8 @@ class MemoryBreakerStorage(pybreaker.CircuitMemoryStorage):
     def force_open(self, reset_ms: int) -> Reply:
         with self._lock:
             now = self._now()
-            changed = self._open(now, reset_ms) if self._state != STATE_OPEN else None
-            return self._reply(now, changed, "applied")
+            old = self._open(now, reset_ms)  # open already: a fresh reset timeout
+            return self._reply(now, old if old != STATE_OPEN else None, "applied")
 
     def info(self) -> BreakerInfo:
         """This breaker as an operator sees it."""

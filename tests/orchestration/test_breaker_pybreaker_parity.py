@@ -25,7 +25,13 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestration.breakers import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN, BreakerBoard
+from orchestration.breakers import (
+    STATE_CLOSED,
+    STATE_HALF_OPEN,
+    STATE_OPEN,
+    BreakerBoard,
+    BreakerOpen,
+)
 from orchestration.breakers.breaker import SharedBreaker
 from orchestration.breakers.storage import RedisBreakerStorage, Scripts, breaker_keys
 from orchestration.errors import ConfigurationError
@@ -397,6 +403,45 @@ def test_shared_breaker_calls_listeners_like_pybreaker(board: BreakerBoard) -> N
         assert recorder.take() == _without_self_changes(want_events), step
 
 
+SHARED_STEPS = [s for s in STEPS if s != "half_open"]  # half-open only by a trial
+
+
+@pytest.mark.integration
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    steps=st.lists(st.sampled_from([*SHARED_STEPS, "elapse", "elapse"]), max_size=25),
+    fail_max=st.integers(1, 3),
+)
+def test_any_sequence_through_the_circuit_matches_pybreaker(
+    board: BreakerBoard, steps: list[str], fail_max: int
+) -> None:
+    # Given a stock breaker on pybreaker's own storage and a SharedBreaker's circuit
+    reference = _run_stock(
+        pybreaker.CircuitMemoryStorage(STATE_CLOSED), steps, fail_max=fail_max, reset_timeout=60
+    )
+    shared = board.breaker(
+        _fresh_name(), fail_max=fail_max, reset_timeout_s=60, exclude=(Business,)
+    )
+    recorder = Recorder()
+    shared.circuit.add_listener(recorder)
+    # When both go through the same steps, one at a time
+    for step, want_outcome, want_seen, want_events in reference:
+        if step == "elapse":
+            _elapse_shared(board, shared)
+        else:
+            assert _outcome(STEPS[step], shared.circuit) == want_outcome, step
+        # Then each step shows the same outcome, state, listener calls (and failure
+        # count while closed: pybreaker also counts a failed trial, taskrail does not)
+        assert shared.state == want_seen[0], step
+        if want_seen[0] == STATE_CLOSED:
+            assert shared.fail_count == want_seen[1], step
+        assert recorder.take() == _without_self_changes(want_events), step
+
+
 @pytest.mark.integration
 def test_listeners_hear_the_workers_split_call_path(board: BreakerBoard) -> None:
     shared = board.breaker(_fresh_name(), fail_max=1, reset_timeout_s=60)
@@ -501,6 +546,26 @@ def test_circuit_honours_throw_new_error_on_trip(board: BreakerBoard) -> None:
     with pytest.raises(DownstreamDown):
         circuit.call(_fail)
     assert circuit.open() is False
+
+
+@pytest.mark.integration
+def test_opening_an_open_breaker_restarts_its_reset_timeout(board: BreakerBoard) -> None:
+    # Given an open breaker whose reset timeout has passed
+    steps = _steps("fail elapse open ok")
+    reference = _run_stock(
+        pybreaker.CircuitMemoryStorage(STATE_CLOSED), steps, fail_max=1, reset_timeout=60
+    )
+    shared = board.breaker(_fresh_name(), fail_max=1, reset_timeout_s=60)
+    with pytest.raises(DownstreamDown):
+        shared.call(_fail)
+    _elapse_shared(board, shared)
+    # When it is opened again (pybreaker's open(), an operator's trip)
+    assert shared.circuit.open() is True
+    # Then a fresh reset timeout starts, as in pybreaker: the next call is refused
+    assert _outcome(STEPS["ok"], shared.circuit) == reference[-1][1]
+    with pytest.raises(BreakerOpen) as refused:
+        shared.before_call()
+    assert refused.value.remaining_s > 59
 
 
 @pytest.mark.integration
