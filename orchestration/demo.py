@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,31 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from orchestration.api import NewTask, Taskrail
+from orchestration.errors import InfrastructureError
 from orchestration.models import RESTING_STATUSES, tasks_table
+from orchestration.redact import redact_text
 
 DEMO_TYPES = ("personal_tax", "payroll", "bookkeeping")
+# With no task moving for this long and an error in a worker's log, the demo gives up.
+DEFAULT_STALL_S = 15.0
+# A worker log line that says something went wrong (stdlib or structlog JSON).
+_ERROR_MARKS = ("ERROR ", "CRITICAL ", '"level": "error"', '"level": "critical"', "Traceback")
+MAX_LINE_CHARS = 400
+
+
+class DemoFailed(InfrastructureError):
+    """The demo's tasks stopped moving (or its workers died); says why and where to look."""
+
+    def __init__(self, reason: str, first_error: str | None, logs: Path | None) -> None:
+        self.reason = reason
+        self.first_error = first_error
+        self.logs = str(logs) if logs else None
+        msg = reason
+        if first_error:
+            msg += f"; first worker error: {first_error}"
+        if logs:
+            msg += f" (worker logs kept in {logs})"
+        super().__init__(msg)
 
 
 @dataclass
@@ -63,30 +86,81 @@ def demo_tasks(n: int) -> list[NewTask]:
     ]
 
 
-def _resting_counts(trail: Taskrail, ids: list[int]) -> dict[str, int]:
+def _resting_counts(trail: Taskrail, ids: list[int]) -> tuple[dict[str, int], tuple[Any, ...]]:
+    """The tasks' counts by status, and a mark that changes whenever any of them moves."""
     t = tasks_table.c
     lo, hi = min(ids), max(ids)
     with trail.db.connect() as conn:
         rows = conn.execute(
-            select(t.status, func.count()).where(t.id.between(lo, hi)).group_by(t.status)
+            select(t.status, func.count(), func.sum(t.attempts), func.max(t.updated_at))
+            .where(t.id.between(lo, hi))
+            .group_by(t.status)
         ).all()
-    return {str(status): n for status, n in rows}
+    counts = {str(status): n for status, n, _attempts, _at in rows}
+    return counts, tuple(sorted((str(r[0]), r[1], r[2], str(r[3])) for r in rows))
+
+
+@dataclass
+class _Fleet:
+    """The worker processes the demo started (none on the embedded default)."""
+
+    procs: list[subprocess.Popen[bytes]]
+    logs: Path | None
+
+    def dead(self) -> list[int]:
+        return [p.returncode for p in self.procs if p.poll() is not None]
+
+    def first_error(self) -> str | None:
+        """The first line of any worker log that reports an error, redacted and cut."""
+        if self.logs is None:
+            return None
+        for log in sorted(self.logs.glob("*.log")):
+            with contextlib.suppress(OSError), open(log, errors="replace") as fh:
+                for line in fh:
+                    if any(mark in line for mark in _ERROR_MARKS):
+                        return redact_text(" ".join(line.split()))[:MAX_LINE_CHARS]
+        return None
+
+
+def _check_servers(trail: Taskrail) -> None:
+    """Fail at once, in one line, when the breaker Redis cannot be reached."""
+    settings = trail.settings
+    if settings.redis_url:
+        import redis
+
+        from orchestration.redact import redact_url
+
+        client = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=2.0, socket_timeout=2.0
+        )
+        try:
+            client.ping()
+        except (redis.RedisError, OSError) as exc:
+            raise DemoFailed(
+                f"breaker Redis unreachable at {redact_url(settings.redis_url)}: "
+                f"{redact_text(str(exc))}",
+                None,
+                None,
+            ) from None
+        finally:
+            client.close()
 
 
 @contextlib.contextmanager
-def _workers(trail: Taskrail, spawn: int) -> Iterator[None]:
+def _workers(trail: Taskrail, spawn: int) -> Iterator[_Fleet]:
     settings = trail.settings
     if settings.embedded:
         embedded = importlib.import_module("workers.embedded")
         celery_app = importlib.import_module("workers").app
         with embedded.embedded_worker(celery_app, concurrency=4):
-            yield
+            yield _Fleet([], None)
         return
     if spawn <= 0:
-        yield
+        yield _Fleet([], None)
         return
     procs = []
     logs = Path(tempfile.mkdtemp(prefix="taskrail-demo-"))
+    keep_logs = False
     celery = str(Path(sys.executable).with_name("celery"))
     for i in range(spawn):
         log = open(logs / f"worker{i}.log", "wb")  # noqa: SIM115 - closed below
@@ -116,7 +190,10 @@ def _workers(trail: Taskrail, spawn: int) -> Iterator[None]:
             )
         )
     try:
-        yield
+        yield _Fleet([proc for proc, _log in procs], logs)
+    except DemoFailed:
+        keep_logs = True  # the error names them
+        raise
     finally:
         for proc, _log in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -125,8 +202,12 @@ def _workers(trail: Taskrail, spawn: int) -> Iterator[None]:
             try:
                 proc.wait(20)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
             log.close()
+        if not keep_logs:
+            shutil.rmtree(logs, ignore_errors=True)
 
 
 def run_demo(
@@ -136,8 +217,17 @@ def run_demo(
     spawn: int = 2,
     timeout_s: float = 600.0,
     show_progress: bool = True,
+    stall_s: float = DEFAULT_STALL_S,
 ) -> DemoResult:
-    """Submit ``n`` demo tasks and wait until every one rests (completed, failed, escalated)."""
+    """Submit ``n`` demo tasks and wait until every one rests (completed, failed, escalated).
+
+    Raises DemoFailed, naming the first error line of the workers' logs and where the
+    logs are kept: when the breaker Redis cannot be reached, a worker the demo started
+    exits, no task moves for ``stall_s`` while a worker log shows an error, or the
+    tasks are not done after ``timeout_s``. Raises BrokerUnavailable when the broker
+    cannot be reached. The workers it started are stopped and, unless it failed, their
+    log folder removed.
+    """
     from demo_agents import expected_status
 
     trail = Taskrail()
@@ -146,33 +236,74 @@ def run_demo(
     for item in items:
         status = expected_status(str(item.payload["scenario"]))  # type: ignore[index]
         expected[status] = expected.get(status, 0) + 1
-    with _workers(trail, spawn):
-        started = time.perf_counter()
-        ids = trail.submit_many(items)
-        progress = Progress(
-            TextColumn("[bold]demo"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=not show_progress,
-        )
-        with progress:
-            bar = progress.add_task("tasks", total=n, detail="")
-            while True:
-                counts = _resting_counts(trail, ids)
-                done = sum(counts.get(s.value, 0) for s in RESTING_STATUSES)
-                detail = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
-                progress.update(bar, completed=done, detail=detail)
-                if done >= n:
-                    break
-                if time.perf_counter() - started > timeout_s:
-                    raise TimeoutError(f"demo tasks not finished after {timeout_s:.0f}s: {counts}")
-                time.sleep(0.1)
-        elapsed = time.perf_counter() - started
-    trail.close()
+    try:
+        _check_servers(trail)
+        with _workers(trail, spawn) as fleet:
+            started = time.perf_counter()
+            ids = trail.submit_many(items)
+            counts = _wait(trail, ids, fleet, console, show_progress, timeout_s, stall_s)
+            elapsed = time.perf_counter() - started
+    finally:
+        trail.close()
     return DemoResult(n, counts, expected, elapsed)
+
+
+def _wait(
+    trail: Taskrail,
+    ids: Sequence[int],
+    fleet: _Fleet,
+    console: Console,
+    show_progress: bool,
+    timeout_s: float,
+    stall_s: float,
+) -> dict[str, int]:
+    """Poll until every task rests; the progress bar shows the counts. Raises DemoFailed."""
+    n = len(ids)
+    started = last_move = time.perf_counter()
+    mark: tuple[Any, ...] = ()
+    progress = Progress(
+        TextColumn("[bold]demo"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not show_progress,
+    )
+    with progress:
+        bar = progress.add_task("tasks", total=n, detail="")
+        while True:
+            counts, now_mark = _resting_counts(trail, list(ids))
+            done = sum(counts.get(s.value, 0) for s in RESTING_STATUSES)
+            detail = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+            progress.update(bar, completed=done, detail=detail)
+            if done >= n:
+                return counts
+            now = time.perf_counter()
+            if now_mark != mark:
+                mark, last_move = now_mark, now
+            dead = fleet.dead()
+            if dead:
+                raise DemoFailed(
+                    f"{len(dead)} demo worker(s) exited (exit code {dead[0]}); {detail}",
+                    fleet.first_error(),
+                    fleet.logs,
+                )
+            if now - last_move > stall_s:
+                first_error = fleet.first_error()
+                if first_error:
+                    raise DemoFailed(
+                        f"no demo task moved for {stall_s:g}s ({detail})",
+                        first_error,
+                        fleet.logs,
+                    )
+            if now - started > timeout_s:
+                raise DemoFailed(
+                    f"demo tasks not finished after {timeout_s:g}s ({detail})",
+                    fleet.first_error(),
+                    fleet.logs,
+                )
+            time.sleep(0.1)
 
 
 def render(result: DemoResult, console: Console) -> None:
