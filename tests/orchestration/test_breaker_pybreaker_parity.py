@@ -292,7 +292,7 @@ def test_stock_breaker_on_our_storage_behaves_as_on_pybreakers_own(
 
 @pytest.mark.integration
 @settings(
-    max_examples=60,
+    max_examples=100,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
@@ -408,7 +408,7 @@ SHARED_STEPS = [s for s in STEPS if s != "half_open"]  # half-open only by a tri
 
 @pytest.mark.integration
 @settings(
-    max_examples=40,
+    max_examples=60,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
