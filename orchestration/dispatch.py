@@ -8,6 +8,7 @@ import the hop code in ``workers``. The workers build their app from the same
 from __future__ import annotations
 
 import itertools
+import socket
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -57,6 +58,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     else:
         # A message unacknowledged for this long is redelivered: longer than any handler.
         transport_options = {"visibility_timeout": settings.visibility_timeout_s}
+        if settings.effective_broker_url.startswith("redis"):
+            transport_options.update(redis_transport_options(settings))
         if settings.broker_key_prefix and settings.effective_broker_url.startswith("redis"):
             transport_options["global_keyprefix"] = settings.broker_key_prefix
     url = settings.effective_broker_url
@@ -87,14 +90,56 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_default_routing_key": c.QUEUE_HOPS,
         "task_default_queue": c.QUEUE_HOPS,
         "task_routes": {name: {"queue": queue} for name, queue in HOP_QUEUES.items()},
-        "task_publish_retry_policy": {
-            "max_retries": 3,
-            "interval_start": 0.2,
-            "interval_step": 0.5,
-            "interval_max": 1.0,
-        },
+        # A publish waits about publish_max_wait_s for a broker that is down, then fails
+        # (a producer's task stays pending for the sweeper; a hop is retried).
+        "task_publish_retry_policy": publish_retry_policy(settings.publish_max_wait_s),
+        "broker_connection_timeout": c.BROKER_CONNECT_TIMEOUT_S,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
+    }
+
+
+def redis_keepalive_options() -> dict[int, int]:
+    """TCP keepalive for a Redis connection (redis-py's ``socket_keepalive_options``)."""
+    return {
+        socket.TCP_KEEPIDLE: c.REDIS_KEEPALIVE_IDLE_S,
+        socket.TCP_KEEPINTVL: c.REDIS_KEEPALIVE_INTERVAL_S,
+        socket.TCP_KEEPCNT: c.REDIS_KEEPALIVE_COUNT,
+    }
+
+
+def redis_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's Redis transport options that bound every wait on the broker.
+
+    A blocking read (a publish, an ack) waits at most ``broker_socket_timeout_s``; the
+    consumer's BRPOP asks the server for an answer within ``brpop_timeout`` (shorter), and
+    kombu drops a BRPOP connection whose answer is ``health_check_interval`` overdue. An
+    idle connection to a host that vanished is found by TCP keepalive. Getting a
+    connection to a broker that is down is given up after ``publish_max_wait_s``.
+    """
+    return {
+        "socket_timeout": settings.broker_socket_timeout_s,
+        "socket_connect_timeout": c.BROKER_CONNECT_TIMEOUT_S,
+        "socket_keepalive": True,
+        "socket_keepalive_options": redis_keepalive_options(),
+        "health_check_interval": c.BROKER_HEALTH_CHECK_INTERVAL_S,
+        "brpop_timeout": c.BROKER_BRPOP_TIMEOUT_S,
+        # Connection.default_channel: how long to keep trying to connect, and how.
+        "connect_retries_timeout": settings.publish_max_wait_s,
+        "max_retries": 2,
+        "interval_start": 0.0,
+        "interval_step": 0.2,
+        "interval_max": 0.5,
+    }
+
+
+def publish_retry_policy(max_wait_s: float) -> dict[str, Any]:
+    """Celery's retry policy of a publish that fails to connect: about ``max_wait_s``."""
+    return {
+        "max_retries": 2 if max_wait_s > 0 else 0,
+        "interval_start": 0.0,
+        "interval_step": max_wait_s / 4,
+        "interval_max": max_wait_s / 2,
     }
 
 

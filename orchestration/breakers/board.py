@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -75,6 +76,13 @@ class BreakerBoard:
         options: dict[str, Any] = {
             "socket_timeout": c.BREAKER_REDIS_SOCKET_TIMEOUT_S,
             "socket_connect_timeout": c.BREAKER_REDIS_CONNECT_TIMEOUT_S,
+            # An idle connection to a host that vanished is found within seconds.
+            "socket_keepalive": True,
+            "socket_keepalive_options": {
+                socket.TCP_KEEPIDLE: c.REDIS_KEEPALIVE_IDLE_S,
+                socket.TCP_KEEPINTVL: c.REDIS_KEEPALIVE_INTERVAL_S,
+                socket.TCP_KEEPCNT: c.REDIS_KEEPALIVE_COUNT,
+            },
             # One quick retry survives a pooled connection that died with a Redis restart.
             "retry": Retry(ExponentialWithJitterBackoff(cap=0.05, base=0.01), 1),
         }

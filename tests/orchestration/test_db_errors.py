@@ -107,10 +107,13 @@ def test_a_commit_on_a_dropped_connection_is_unavailable(
     with pytest.raises(DatabaseUnavailable), relayed_db.begin() as conn:
         conn.execute(text("SELECT 1"))
         relay.drop()
-    with pytest.raises(DatabaseUnavailable):
-        with relayed_db.driver_connection() as raw, raw.transaction():
-            raw.execute("SELECT 1")
-            relay.drop()
+    with (
+        pytest.raises(DatabaseUnavailable),
+        relayed_db.driver_connection() as raw,
+        raw.transaction(),
+    ):
+        raw.execute("SELECT 1")
+        relay.drop()
     assert _select_one(relayed_db) == 1
 
 
@@ -191,13 +194,14 @@ def test_pre_ping_replaces_connections_a_restart_killed(pg_url: str, relay: TcpR
 
 
 def test_data_errors_are_rejected_not_unavailable(relayed_db: Database) -> None:
-    with pytest.raises(DatabaseRejected, match="syntax") as caught:
-        with relayed_db.driver_connection() as conn:
-            conn.execute("SELEC 1")
+    with (
+        pytest.raises(DatabaseRejected, match="syntax") as caught,
+        relayed_db.driver_connection() as conn,
+    ):
+        conn.execute("SELEC 1")
     assert not isinstance(caught.value, DatabaseUnavailable)
-    with pytest.raises(DatabaseRejected, match="division by zero"):
-        with relayed_db.connect() as conn:
-            conn.execute(text("SELECT 1 / 0"))
+    with pytest.raises(DatabaseRejected, match="division by zero"), relayed_db.connect() as conn:
+        conn.execute(text("SELECT 1 / 0"))
     with pytest.raises(DatabaseRejected, match="duplicate key"), relayed_db.begin() as conn:
         conn.execute(text("CREATE TEMP TABLE t (id int PRIMARY KEY)"))
         conn.execute(text("INSERT INTO t VALUES (1), (1)"))
