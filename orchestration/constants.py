@@ -38,6 +38,23 @@ DEFAULT_PREFETCH_MULTIPLIER = 16
 DEFAULT_VISIBILITY_TIMEOUT_S = 2 * 3600
 MAX_MESSAGE_BYTES = 256 * 1024
 
+# What a task may hold (orchestration.values). Sizes are of the JSON text as stored.
+MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_RESULT_BYTES = 1024 * 1024
+# Levels of arrays and objects, the outermost included: orjson's own limit, so the
+# worker's fast path and the producer's check agree.
+MAX_JSON_DEPTH = 254
+# A reason (escalation, failure, last_error) longer than this is cut, and says so.
+MAX_REASON_CHARS = 4000
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+MAX_TASK_TYPE_CHARS = 64
+# Client ids are stored as BIGINT; negative ids are refused.
+MAX_CLIENT_ID = 2**63 - 1
+# A write that lost a deadlock or a serialization conflict is tried again, this many
+# times in all, after a pause of up to DB_CONFLICT_PAUSE_S x the attempt number.
+DB_CONFLICT_ATTEMPTS = 5
+DB_CONFLICT_PAUSE_S = 0.05
+
 # An open breaker defers a hop by its remaining reset time, at most this long; a
 # longer countdown would sit unacknowledged in a worker (and on Redis be redelivered
 # after the visibility timeout). The deferral is recorded on the task (not_before),
@@ -54,6 +71,7 @@ SWEEPER_LATE_INTERVALS = 3
 # A lease token that starts with this was pre-claimed by the start hop for an execute
 # message, never taken by a running handler: its expiry means "still queued, or lost".
 PRECLAIM_TOKEN_PREFIX = "q:"
+RUN_TOKEN_PREFIX = "r:"
 
 # Metrics: `taskrail metrics` listens here (loopback unless --host says otherwise).
 DEFAULT_METRICS_PORT = 9808
@@ -71,6 +89,19 @@ RUN_GUARD_KEY_SEGMENT = "run"
 # with a once-token header is delivered once, "<broker key prefix>taskrail:once:<token>".
 ONCE_KEY_PREFIX = "taskrail:once:"
 RUN_GUARD_TTL_FACTOR = 2
+
+# Dead letters (orchestration.deadletters): bytes on a taskrail queue that are not a valid
+# hop, kept for an operator (`taskrail dead`). On Redis a list "<broker key prefix>
+# taskrail.dead", newest first; on the embedded default one file each in
+# "<data dir>/broker/dead/". At most DEAD_LETTER_MAX_ENTRIES are kept (the oldest go),
+# each with at most DEAD_LETTER_MAX_RAW_BYTES of the message (flagged when cut), so
+# garbage cannot fill the broker. Log lines carry DEAD_LETTER_EXCERPT_CHARS of it.
+DEAD_LETTER_KEY = "taskrail.dead"
+DEAD_LETTER_FOLDER = "dead"
+DEAD_LETTER_MAX_ENTRIES = 1000
+DEAD_LETTER_MAX_RAW_BYTES = 4096
+DEAD_LETTER_MAX_REASON_CHARS = 500
+DEAD_LETTER_EXCERPT_CHARS = 200
 
 # Breakers (orchestration/breakers). With namespace N and breaker name B the keys are
 # "N:breaker:B" (hash: state, fail_count, epoch, opened_at_ms, next_trial_ms, fail_max,

@@ -1,27 +1,27 @@
 """Execution leases: who runs a task's handler now, and until when.
 
 A handler runs under a lease on its task (``lease_owner``, ``lease_expires_at``),
-renewed while it runs; the sweeper re-drives a task whose lease expired (its worker
-died). There are two ways to hold one:
+renewed while it runs (:class:`LeaseKeeper`). The database grants every lease, in one
+statement that also reads what the handler needs (:func:`take`); an execute message
+only names the lease it asks for, so a forged or duplicate message runs nothing.
 
-- **Pre-claimed** (the common case): the ``start`` transition, in its own statement,
-  counts the first attempt and leases it to a fresh token that travels in the execute
-  message (:class:`Lease`, with what the handler needs). The execute hop that takes
-  the message first, cluster-wide (:class:`RunGuard`, one Redis SET NX), runs the
-  handler without another database write; the final transition checks the token.
-- **Claimed** (retries, re-drives, stale or guard-less messages): :func:`claim`
-  checks the task is in_progress at the attempt the message names and not leased by
-  a live worker, counts the attempt and takes the lease in one statement;
-  :func:`adopt` takes over a pre-claim by its token. Matching nothing means a
-  duplicate or stale message, or a worker already on it.
+- **Pre-claimed** (the common case): the ``start`` transition counts the first attempt
+  and leases it to a ``q:`` token that travels in the execute message; the hop that
+  takes the message adopts it under a ``r:`` token of its own (one copy wins).
+- **Next attempt** (retries, deferrals): the attempt after the ones done, if no live
+  lease holds the task.
+- **Take-over**: a ``r:`` lease that expired belonged to a worker that died while the
+  handler ran; the same attempt is taken over and runs isolated from then on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -51,65 +51,92 @@ class Claim:
     task_type: str
     payload: dict[str, Any]
     agent: str | None
+    isolated: bool = False  # run the handler in a process of its own
     expires_at: float | None = None  # epoch seconds; None: a full TTL from the claim
 
 
-@functools.lru_cache(maxsize=1)
-def _claim_sql() -> Executable:
+def preclaim_token(worker: str) -> str:
+    """A token for an attempt that is counted but whose handler has not started."""
+    return f"{c.PRECLAIM_TOKEN_PREFIX}{worker}/{uuid.uuid4().hex[:12]}"
+
+
+def run_token(worker: str) -> str:
+    """A token for a handler run: this worker and a random part (one per run)."""
+    return f"{c.RUN_TOKEN_PREFIX}{worker}/{uuid.uuid4().hex[:12]}"
+
+
+def is_run_token(token: str) -> bool:
+    """Whether ``token`` was taken by a running handler (not a pre-claim)."""
+    return token.startswith(c.RUN_TOKEN_PREFIX)
+
+
+class Take(enum.Enum):
+    """How :func:`take` may take a task's lease."""
+
+    NEXT = "next"  # count the next attempt; the lease is free or expired
+    ADOPT = "adopt"  # take over a pre-claim by its token, expired or not
+    TAKE_OVER = "take_over"  # the handler's worker died: its expired run lease, isolated
+
+
+_TAKE_WHERE = {
+    Take.NEXT: "AND (lease_expires_at IS NULL OR lease_expires_at < :now)",
+    Take.ADOPT: "AND lease_owner = :prior",
+    Take.TAKE_OVER: "AND lease_owner = :prior AND lease_expires_at < :now",
+}
+_TAKE_SET = {
+    Take.NEXT: ", attempts = attempts + 1",
+    Take.ADOPT: "",
+    Take.TAKE_OVER: ", isolated = :isolated",
+}
+
+
+@functools.lru_cache(maxsize=4)
+def _take_sql(how: Take) -> Executable:
     t = tasks_table.c
-    return (
-        text(
-            "UPDATE tasks SET lease_owner = :token, lease_expires_at = :expires, "
-            "attempts = attempts + 1, updated_at = :now "
-            "WHERE id = :task_id AND status = :status AND attempts = :attempts "
-            "AND (lease_expires_at IS NULL OR lease_expires_at < :now) "
-            "RETURNING id, attempts, client_id, task_type, payload, assigned_agent"
-        )
-        .bindparams(
-            bindparam("token", type_=t.lease_owner.type),
-            bindparam("expires", type_=t.lease_expires_at.type),
-            bindparam("now", type_=t.updated_at.type),
-            bindparam("task_id", type_=t.id.type),
-            bindparam("status", type_=t.status.type),
-            bindparam("attempts", type_=t.attempts.type),
-        )
-        .columns(t.id, t.attempts, t.client_id, t.task_type, t.payload, t.assigned_agent)
+    sql = text(
+        "UPDATE tasks SET lease_owner = :token, lease_expires_at = :expires, "
+        f"updated_at = :now{_TAKE_SET[how]} "
+        "WHERE id = :task_id AND status = :status AND attempts = :attempts "
+        f"{_TAKE_WHERE[how]} "
+        "RETURNING id, attempts, client_id, task_type, payload, assigned_agent, isolated"
+    )
+    params = [
+        bindparam("token", type_=t.lease_owner.type),
+        bindparam("expires", type_=t.lease_expires_at.type),
+        bindparam("now", type_=t.updated_at.type),
+        bindparam("task_id", type_=t.id.type),
+        bindparam("status", type_=t.status.type),
+        bindparam("attempts", type_=t.attempts.type),
+    ]
+    if how is not Take.NEXT:
+        params.append(bindparam("prior", type_=t.lease_owner.type))
+    if how is Take.TAKE_OVER:
+        params.append(bindparam("isolated", type_=t.isolated.type))
+    return sql.bindparams(*params).columns(
+        t.id, t.attempts, t.client_id, t.task_type, t.payload, t.assigned_agent, t.isolated
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A pre-claimed execution, as the start hop hands it to the execute hop.
+def take(
+    db: Database,
+    task_id: int,
+    attempts: int,
+    token: str,
+    ttl_s: float,
+    *,
+    how: Take = Take.NEXT,
+    prior: str | None = None,
+) -> Claim | None:
+    """Take the lease of ``task_id``'s handler run as ``token``; None if not to be had.
 
-    ``until`` is the lease's expiry (epoch seconds); ``client_id``, ``task_type`` and
-    ``payload`` are what the handler's task view needs, so the execute hop reads
-    nothing back.
+    ``attempts`` is the attempt count the row must have: the attempts done before
+    (:attr:`Take.NEXT`, which counts one more) or the attempt being taken
+    (:attr:`Take.ADOPT` and :attr:`Take.TAKE_OVER`, which need the ``prior`` owner).
+    A take-over marks the task isolated. One statement; the row's payload comes back
+    with it. Raises DatabaseUnavailable.
     """
-
-    token: str
-    until: float
-    client_id: int
-    task_type: str
-    payload: dict[str, Any]
-
-    def to_message(self) -> dict[str, Any]:
-        return {
-            "token": self.token,
-            "until": self.until,
-            "client_id": self.client_id,
-            "task_type": self.task_type,
-            "payload": self.payload,
-        }
-
-    def fresh(self, ttl_s: float, now: float) -> bool:
-        """More than the lease keeper's renewal margin left (it renews before it lapses)."""
-        return self.until - now > ttl_s * RENEW_MARGIN_FRACTION + 1.0
-
-
-def claim(db: Database, task_id: int, attempts: int, token: str, ttl_s: float) -> Claim | None:
-    """Claim the handler run of ``task_id`` after ``attempts`` earlier attempts."""
     now = utcnow()
-    params = {
+    params: dict[str, Any] = {
         "token": token,
         "expires": now + timedelta(seconds=ttl_s),
         "now": now,
@@ -117,8 +144,12 @@ def claim(db: Database, task_id: int, attempts: int, token: str, ttl_s: float) -
         "status": TaskStatus.IN_PROGRESS,
         "attempts": attempts,
     }
+    if how is not Take.NEXT:
+        params["prior"] = prior
+    if how is Take.TAKE_OVER:
+        params["isolated"] = True
     with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
-        row = conn.execute(_claim_sql(), params).mappings().first()
+        row = conn.execute(_take_sql(how), params).mappings().first()
     if row is None:
         return None
     return Claim(
@@ -129,31 +160,13 @@ def claim(db: Database, task_id: int, attempts: int, token: str, ttl_s: float) -
         task_type=row["task_type"],
         payload=row["payload"] or {},
         agent=row["assigned_agent"],
+        isolated=bool(row["isolated"]),
     )
 
 
-@functools.lru_cache(maxsize=1)
-def _adopt_sql() -> Executable:
-    t = tasks_table.c
-    return (
-        text(
-            "UPDATE tasks SET lease_owner = :token, lease_expires_at = :expires, "
-            "updated_at = :now "
-            "WHERE id = :task_id AND status = :status AND attempts = :attempt "
-            "AND lease_owner = :prior "
-            "RETURNING id, attempts, client_id, task_type, payload, assigned_agent"
-        )
-        .bindparams(
-            bindparam("token", type_=t.lease_owner.type),
-            bindparam("expires", type_=t.lease_expires_at.type),
-            bindparam("now", type_=t.updated_at.type),
-            bindparam("task_id", type_=t.id.type),
-            bindparam("status", type_=t.status.type),
-            bindparam("attempt", type_=t.attempts.type),
-            bindparam("prior", type_=t.lease_owner.type),
-        )
-        .columns(t.id, t.attempts, t.client_id, t.task_type, t.payload, t.assigned_agent)
-    )
+def claim(db: Database, task_id: int, attempts: int, token: str, ttl_s: float) -> Claim | None:
+    """Claim the handler run of ``task_id`` after ``attempts`` earlier attempts."""
+    return take(db, task_id, attempts, token, ttl_s)
 
 
 def adopt(
@@ -164,61 +177,7 @@ def adopt(
     With a new token, of several copies of one message exactly one gets the lease.
     None when the task moved on or another worker took the lease.
     """
-    now = utcnow()
-    params = {
-        "token": token,
-        "expires": now + timedelta(seconds=ttl_s),
-        "now": now,
-        "task_id": task_id,
-        "status": TaskStatus.IN_PROGRESS,
-        "attempt": attempt,
-        "prior": prior,
-    }
-    with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
-        row = conn.execute(_adopt_sql(), params).mappings().first()
-    if row is None:
-        return None
-    return Claim(
-        task_id=task_id,
-        token=token,
-        attempt=row["attempts"],
-        client_id=row["client_id"],
-        task_type=row["task_type"],
-        payload=row["payload"] or {},
-        agent=row["assigned_agent"],
-    )
-
-
-class RunGuard:
-    """Which pre-claimed executions have started, cluster-wide: one Redis SET NX each.
-
-    :meth:`first` answers True once per token and False for every later copy of the
-    same message; None when there is no shared Redis or it cannot be reached (the
-    caller then lets the database decide, with :func:`adopt` and a new token).
-    """
-
-    def __init__(self, redis_url: str | None, namespace: str, ttl_s: float) -> None:
-        self.namespace = namespace
-        self.ttl_ms = int(ttl_s * 1000)
-        self._client: Any = None
-        if redis_url is not None:
-            import redis
-
-            self._client = redis.Redis.from_url(
-                redis_url,
-                socket_timeout=c.BREAKER_REDIS_SOCKET_TIMEOUT_S,
-                socket_connect_timeout=c.BREAKER_REDIS_CONNECT_TIMEOUT_S,
-            )
-
-    def first(self, token: str) -> bool | None:
-        if self._client is None:
-            return None
-        key = f"{self.namespace}:{c.RUN_GUARD_KEY_SEGMENT}:{token}"
-        try:
-            return bool(self._client.set(key, b"1", nx=True, px=self.ttl_ms))
-        except Exception as err:  # Redis down: the database decides instead
-            log.warning("run_guard_unavailable", error=str(err))
-            return None
+    return take(db, task_id, attempt, token, ttl_s, how=Take.ADOPT, prior=prior)
 
 
 def renew(db: Database, task_id: int, token: str, ttl_s: float) -> bool:
@@ -275,14 +234,14 @@ def release(
 
 
 def describe(db: Database, task_id: int) -> dict[str, Any] | None:
-    """The row's status, attempts and lease, to explain why a hop had nothing to do."""
+    """The row's status, attempts, lease and agent: why a hop had nothing to do."""
     t = tasks_table.c
     with db.connect() as conn:
         row = (
             conn.execute(
-                select(t.status, t.attempts, t.lease_owner, t.lease_expires_at).where(
-                    t.id == task_id
-                )
+                select(
+                    t.status, t.attempts, t.lease_owner, t.lease_expires_at, t.assigned_agent
+                ).where(t.id == task_id)
             )
             .mappings()
             .first()

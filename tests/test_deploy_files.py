@@ -129,7 +129,7 @@ def test_flower_and_metrics_require_credentials_in_both(tmp_path: Path) -> None:
     metrics = subprocess.run(
         procs["metrics"], shell=True, cwd=REPO, env=env, capture_output=True, text=True, timeout=60
     )
-    assert metrics.returncode == 1
+    assert metrics.returncode == 2  # a configuration error
     assert "TASKRAIL_METRICS_AUTH" in metrics.stderr
     assert "serving" not in metrics.stderr
 

@@ -6,5 +6,8 @@ find :data:`app` here.
 
 from workers import hops, sweeper  # noqa: F401  (registers the hop tasks on app)
 from workers.celery_app import app
+from workers.flower_guard import guard_flower_command
+
+guard_flower_command()  # `celery -A workers flower`: authentication required, localhost
 
 __all__ = ["app"]

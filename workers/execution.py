@@ -4,27 +4,32 @@
 
     breaker open?      -> defer: not_before recorded, execute re-sent with a countdown,
                           no attempt consumed; escalate after the agent's max_deferral_s
-    claim the lease    -> nothing to claim: a duplicate or stale message, dropped
+    take the lease     -> the database decides (workers never trust a message's word):
+                          the pre-claim the message names, the next attempt, or the
+                          expired lease of a worker that died (then the handler runs in
+                          a process of its own); a lease still held: wait for it to
+                          end; anything else: a duplicate or stale message, dropped
     call the handler   -> result            complete
                           Escalate          escalate
                           PermanentError    fail
+                          time limit        another attempt after a backoff, or fail
                           anything else     another attempt after a backoff, or fail
-                                            after max_attempts
+                                            after max_attempts; a failed half-open
+                                            trial uses no attempt (a deferral)
 """
 
 from __future__ import annotations
 
 import random
 import time
-import uuid
-from datetime import timedelta
-from typing import Any
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 import structlog
-from celery.exceptions import SoftTimeLimitExceeded
 
 from orchestration import constants as c
-from orchestration import leases, metrics, redisbroker
+from orchestration import leases, metrics
 from orchestration.agents import (
     AgentSpec,
     Escalate,
@@ -34,19 +39,27 @@ from orchestration.agents import (
     registry,
 )
 from orchestration.breakers import BreakerOpen, Permit, SharedBreaker
-from orchestration.errors import DatabaseUnavailable
+from orchestration.errors import DatabaseUnavailable, TaskrailError
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, utcnow
 from orchestration.redact import redact_text
 from orchestration.transitions import Outcome, apply_transition
+from workers import calls
+from workers.calls import CallOutcome, Kind
 from workers.runtime import Runtime
 
 log = get_logger("taskrail.hop")
 
 MAX_ERROR_CHARS = 2000
-# Pauses between tries of a handler's final write while the database is unreachable:
-# about 8 s in all, well inside the lease's TTL.
-FINISH_RETRY_PAUSES_S = (0.5, 1.0, 2.0, 4.0)
+# Pauses between tries of an outcome's write while the database is unreachable: the
+# handler's work is done, so the write is tried until the database is back.
+OUTCOME_RETRY_PAUSES_S = (0.5, 1.0, 2.0, 4.0)
+OUTCOME_RETRY_MAX_PAUSE_S = 5.0
+# How long a message for a task whose agent this worker lacks waits before it is
+# offered again.
+NO_AGENT_COUNTDOWN_S = 5.0
+
+T = TypeVar("T")
 
 
 def explain_stale(rt: Runtime, task_id: int, expected: str) -> None:
@@ -66,91 +79,77 @@ def explain_stale(rt: Runtime, task_id: int, expected: str) -> None:
         )
 
 
-def new_token(rt: Runtime) -> str:
-    """A lease token: this worker and a random part (one per execution)."""
-    return f"{rt.worker}/{uuid.uuid4().hex[:12]}"
-
-
 def send_execute(
     rt: Runtime,
     task_id: int,
     attempts: int,
     agent: str | None,
     countdown: float | None = None,
-    lease: leases.Lease | None = None,
+    token: str | None = None,
 ) -> None:
-    """Send the execute hop for the attempt after ``attempts``, with the agent's time limits.
+    """Send the execute hop for the attempt after ``attempts``.
 
-    With a ``lease`` the attempt is pre-claimed (the start hop did it in its statement).
+    ``token`` names the lease the hop takes: a pre-claim of that attempt (the start hop
+    made it in its statement), or the expired run lease of a worker that died.
     """
-    spec = registry.find(agent) if agent else None
-    limits = spec.time_limits() if spec is not None else {}
     args: list[Any] = [task_id, attempts, agent]
-    options: dict[str, Any] = dict(limits)
-    if lease is not None:
-        args.append(lease.to_message())
-        # taskrail's Redis transport delivers the message once (redisbroker.ONCE_HEADER).
-        options["headers"] = {redisbroker.ONCE_HEADER: lease.token}
-    rt.dispatcher.send(c.HOP_EXECUTE, args, countdown=countdown, **options)
-
-
-def first_copy(rt: Runtime, lease: leases.Lease, delivered_first: bool | None) -> bool | None:
-    """Whether this copy of a pre-claimed execute message is the first to arrive.
-
-    taskrail's Redis transport tells (``delivered_first``); otherwise the run guard
-    does. None: nobody can tell, the database decides.
-    """
-    if delivered_first is not None:
-        return delivered_first
-    return rt.run_guard.first(lease.token)
+    if token is not None:
+        args.append(token)
+    rt.dispatcher.send(c.HOP_EXECUTE, args, countdown=countdown)
 
 
 def take_lease(
-    rt: Runtime,
-    task_id: int,
-    attempts: int,
-    agent: str | None,
-    lease: leases.Lease | None,
-    delivered_first: bool | None = None,
+    rt: Runtime, task_id: int, attempts: int, token: str | None
 ) -> leases.Claim | None:
-    """The lease for attempt ``attempts + 1``: the pre-claim if this copy of the message
-    is the first to run it and still fresh (no database write), else a claim."""
+    """The lease for attempt ``attempts + 1``, as the database grants it, or None.
+
+    One statement in the common case (a pre-claim adopted, or the next attempt
+    claimed), which also reads the payload. When that matches nothing the row says
+    why: a lease still held makes the message wait for it (re-sent with a countdown),
+    a lease that expired under a dead worker is taken over, anything else is a
+    duplicate or stale message.
+    """
     ttl_s = rt.settings.lease_ttl_s
-    if lease is None:
-        return leases.claim(rt.db, task_id, attempts, new_token(rt), ttl_s)
-    first = first_copy(rt, lease, delivered_first)
-    if first is False:
-        log.info("hop_skipped", task_id=task_id, reason="duplicate message: already run")
+    mine = leases.run_token(rt.worker)
+    if token is None:
+        claimed = leases.take(rt.db, task_id, attempts, mine, ttl_s)
+    else:
+        how = leases.Take.TAKE_OVER if leases.is_run_token(token) else leases.Take.ADOPT
+        claimed = leases.take(rt.db, task_id, attempts + 1, mine, ttl_s, how=how, prior=token)
+    if claimed is not None:
+        return claimed
+    row = leases.describe(rt.db, task_id)
+    if row is None:
+        log.warning("message_dropped", task_id=task_id, reason="no such task")
         return None
-    if first and lease.fresh(ttl_s, time.time()):
-        return leases.Claim(
-            task_id=task_id,
-            token=lease.token,
-            attempt=attempts + 1,
-            client_id=lease.client_id,
-            task_type=lease.task_type,
-            payload=lease.payload,
-            agent=agent,
-            expires_at=lease.until,
-        )
-    # Stale, or no shared guard: the database decides (a new token lets one copy win).
-    token = lease.token if first else new_token(rt)
-    return leases.adopt(rt.db, task_id, attempts + 1, lease.token, token, ttl_s)
+    owner = row["lease_owner"]
+    same_attempt = row["status"] == TaskStatus.IN_PROGRESS and row["attempts"] == attempts + 1
+    if same_attempt and owner is not None:
+        expires = row["lease_expires_at"]
+        remaining_s = (expires - utcnow()).total_seconds() if expires is not None else 0.0
+        if leases.is_run_token(owner) and remaining_s > 0:
+            # A handler holds this attempt: it finishes, or its lease runs out (a dead
+            # worker) and the message, back then, takes the attempt over.
+            log.info("hop_waiting", task_id=task_id, reason="lease held", wait_s=round(remaining_s))
+            send_execute(
+                rt, task_id, attempts, row["assigned_agent"], remaining_s + 1.0, token=owner
+            )
+            return None
+        if leases.is_run_token(owner):
+            taken = leases.take(
+                rt.db, task_id, attempts + 1, mine, ttl_s, how=leases.Take.TAKE_OVER, prior=owner
+            )
+            if taken is not None:
+                log.warning("lease_taken_over", task_id=task_id, dead_owner=owner)
+                return taken
+    explain_stale(rt, task_id, f"in_progress at attempt {attempts + 1}")
+    return None
 
 
 def execute(
-    rt: Runtime,
-    task_id: int,
-    attempts: int,
-    agent: str | None,
-    lease: leases.Lease | None = None,
-    delivered_first: bool | None = None,
+    rt: Runtime, task_id: int, attempts: int, agent: str | None, token: str | None = None
 ) -> None:
-    """Run attempt ``attempts + 1`` of ``task_id``'s handler, if nothing else has.
-
-    ``delivered_first``: the broker's word on whether this copy of a pre-claimed
-    message is the first delivered (None: it cannot tell).
-    """
+    """Run attempt ``attempts + 1`` of ``task_id``'s handler, if the database grants it."""
     spec = registry.find(agent) if agent else None
     breaker: SharedBreaker | None = rt.breaker_for(spec) if spec else None
     permit: Permit | None = None
@@ -158,16 +157,13 @@ def execute(
         try:
             permit = breaker.before_call()
         except BreakerOpen as refused:
-            defer(rt, task_id, attempts, spec, refused, lease, delivered_first)
+            defer(rt, task_id, attempts, spec, refused, token)
             return
-    claimed = take_lease(rt, task_id, attempts, agent, lease, delivered_first)
+    claimed = take_lease(rt, task_id, attempts, token)
     if claimed is None:
         if breaker is not None and permit is not None:
             breaker.abandon(permit)
-        if lease is None:
-            explain_stale(rt, task_id, f"in_progress at attempt {attempts + 1}, not leased")
         return
-    token = claimed.token
     structlog.contextvars.bind_contextvars(agent=claimed.agent, attempt=claimed.attempt)
     if spec is None or spec.name != claimed.agent:
         # The message named no agent (or another one): the task's own agent decides.
@@ -175,17 +171,31 @@ def execute(
             breaker.abandon(permit)
         spec = registry.find(claimed.agent) if claimed.agent else None
         if spec is None:
-            finish(rt, claimed, "escalate", reason=f"agent {claimed.agent!r} is not registered")
+            # This worker lacks the agent's module: give the attempt back for one that
+            # has it.
+            log.error("no_agent_for_task", agent=claimed.agent)
+            give_back(rt, claimed, countdown_s=NO_AGENT_COUNTDOWN_S)
             return
         breaker = rt.breaker_for(spec)
         try:
             permit = breaker.before_call()
         except BreakerOpen:
-            leases.release(rt.db, task_id, token, utcnow(), attempt_used=False, end_deferral=False)
-            send_execute(rt, task_id, claimed.attempt - 1, spec.name)
+            give_back(rt, claimed, countdown_s=None)
             return
     assert breaker is not None and permit is not None
     run_claimed(rt, spec, breaker, permit, claimed)
+
+
+def give_back(rt: Runtime, claimed: leases.Claim, countdown_s: float | None) -> None:
+    """Release a claimed attempt unused and send it again (after ``countdown_s``)."""
+    released = persist(
+        "give_back",
+        lambda: leases.release(
+            rt.db, claimed.task_id, claimed.token, utcnow(), attempt_used=False, end_deferral=False
+        ),
+    )
+    if released:
+        send_execute(rt, claimed.task_id, claimed.attempt - 1, claimed.agent, countdown_s)
 
 
 def run_claimed(
@@ -203,46 +213,87 @@ def run_claimed(
             ),
         )
         return
-    view = TaskView.build(
-        claimed.task_id, claimed.client_id, claimed.task_type, claimed.payload, claimed.attempt
-    )
     try:
-        with rt.leases.hold(claimed.task_id, claimed.token, claimed.expires_at):
-            result = spec.handler(view)
-    except BaseException as err:
-        # The breaker judges: Escalate and PermanentError are business outcomes, not
-        # failures of the downstream; KeyboardInterrupt/SystemExit are no verdict.
-        breaker.on_failure(permit, err)
-        if isinstance(err, Escalate):
-            metrics.attempt(spec.name, "escalated")
-            finish(rt, claimed, "escalate", reason=err.reason)
-        elif isinstance(err, PermanentError):
-            metrics.attempt(spec.name, "permanent_error")
-            finish(rt, claimed, "fail", reason=err.reason)
-        elif isinstance(err, SoftTimeLimitExceeded):
-            metrics.attempt(spec.name, "timed_out")
-            limit = f"time limit of {spec.time_limit_s:g}s exceeded"
-            transient(rt, spec, claimed, limit, trial=permit.trial)
-        elif isinstance(err, Exception):
-            metrics.attempt(spec.name, "transient_error")
-            transient(rt, spec, claimed, error_text(err), trial=permit.trial)
+        view = TaskView.build(
+            claimed.task_id, claimed.client_id, claimed.task_type, claimed.payload, claimed.attempt
+        )
+    except (TaskrailError, ValueError, TypeError, RecursionError) as err:
+        breaker.abandon(permit)
+        finish(rt, claimed, "fail", reason=f"the task cannot run: {error_text(err)}")
+        return
+    with rt.leases.hold(claimed.task_id, claimed.token, claimed.expires_at):
+        if claimed.isolated:
+            outcome = calls.call_isolated(spec, view, tuple(rt.settings.agents))
         else:
-            raise
-        return
-    breaker.on_success(permit)
-    metrics.attempt(spec.name, "succeeded")
-    try:
-        ensure_json(result)
-    except (TypeError, ValueError) as err:
-        finish(rt, claimed, "fail", reason=f"result is not JSON-serialisable: {err}")
-        return
-    finish(rt, claimed, "complete", result=result)
+            outcome = calls.call(spec, view)
+    conclude(rt, spec, breaker, permit, claimed, outcome)
+
+
+def conclude(
+    rt: Runtime,
+    spec: AgentSpec,
+    breaker: SharedBreaker,
+    permit: Permit,
+    claimed: leases.Claim,
+    outcome: CallOutcome,
+) -> None:
+    """Tell the breaker how the call went and write what follows from it."""
+    kind = outcome.kind
+    if kind is Kind.RESULT:
+        breaker.on_success(permit)
+        metrics.attempt(spec.name, "succeeded")
+        try:
+            stored = ensure_json(outcome.result)
+        except (TaskrailError, TypeError, ValueError, RecursionError) as err:
+            finish(rt, claimed, "fail", reason=f"result cannot be stored: {error_text(err)}")
+            return
+        finish(rt, claimed, "complete", result=stored)
+    elif kind is Kind.ESCALATE:
+        breaker.on_failure(permit, outcome.error or Escalate(outcome.reason))
+        metrics.attempt(spec.name, "escalated")
+        finish(rt, claimed, "escalate", reason=outcome.reason)
+    elif kind is Kind.PERMANENT:
+        breaker.on_failure(permit, outcome.error or PermanentError(outcome.reason))
+        metrics.attempt(spec.name, "permanent_error")
+        finish(rt, claimed, "fail", reason=outcome.reason)
+    elif kind is Kind.DIED:
+        # The handler killed its own process: no verdict on the downstream.
+        breaker.abandon(permit)
+        metrics.attempt(spec.name, "died")
+        transient(rt, spec, claimed, outcome.reason)
+    else:
+        error = outcome.error or (
+            TimeoutError(outcome.reason) if kind is Kind.TIMEOUT else RuntimeError(outcome.reason)
+        )
+        breaker.on_failure(permit, error)
+        metrics.attempt(spec.name, "timed_out" if kind is Kind.TIMEOUT else "transient_error")
+        text = outcome.reason if kind is Kind.TIMEOUT else error_text(error)
+        if permit.trial and breaker.circuit.is_system_error(error):
+            trial_failed(rt, spec, claimed, text)
+        else:
+            transient(rt, spec, claimed, text)
+
+
+def persist(what: str, write: Callable[[], T]) -> T:
+    """``write()``, tried again until the database is back: the handler's work is done."""
+    pauses = iter(OUTCOME_RETRY_PAUSES_S)
+    while True:
+        try:
+            return write()
+        except DatabaseUnavailable as err:
+            pause_s = next(pauses, OUTCOME_RETRY_MAX_PAUSE_S)
+            log.warning("outcome_write_retry", write=what, error=str(err), pause_s=pause_s)
+            time.sleep(pause_s)
 
 
 def finish(
     rt: Runtime, claimed: leases.Claim, event: str, *, reason: str | None = None, result: Any = None
 ) -> None:
-    """Apply the final event of an execution, releasing its lease in the same write."""
+    """Apply the final event of an execution, releasing its lease in the same write.
+
+    The write is retried while the database is unreachable, the lease kept alive
+    meanwhile; it applies only while this run still holds the lease.
+    """
     values: dict[str, Any] = {
         "lease_owner": None,
         "lease_expires_at": None,
@@ -253,29 +304,21 @@ def finish(
         values["result"] = result
     else:
         values["last_error"] = reason
-    # The handler's work is done: a short database outage should not throw it away. Keep
-    # the lease alive and try the write again for a while before giving up (the hop is
-    # then retried, and the sweeper re-drives the task once the lease expires).
     with rt.leases.hold(claimed.task_id, claimed.token):
-        for pause_s in (*FINISH_RETRY_PAUSES_S, None):
-            try:
-                outcome = apply_transition(
-                    rt.db,
-                    claimed.task_id,
-                    event,
-                    expected=TaskStatus.IN_PROGRESS,
-                    agent=claimed.agent,
-                    reason=reason,
-                    worker=rt.worker,
-                    set_=values,
-                    guard={"lease_owner": claimed.token},
-                )
-                break
-            except DatabaseUnavailable as err:
-                if pause_s is None:
-                    raise
-                log.warning("finish_retry", transition=event, error=str(err), pause_s=pause_s)
-                time.sleep(pause_s)
+        outcome = persist(
+            event,
+            lambda: apply_transition(
+                rt.db,
+                claimed.task_id,
+                event,
+                expected=TaskStatus.IN_PROGRESS,
+                agent=claimed.agent,
+                reason=reason,
+                worker=rt.worker,
+                set_=values,
+                guard={"lease_owner": claimed.token},
+            ),
+        )
     if outcome.outcome is not Outcome.APPLIED:
         log.warning("lease_lost", transition=event, reason="another worker took the task over")
 
@@ -290,17 +333,19 @@ def backoff_s(rt: Runtime, attempt: int) -> float:
     return min(rt.settings.retry_backoff_max_s, base) * random.uniform(0.5, 1.0)
 
 
-def transient(
-    rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str, *, trial: bool = False
-) -> None:
-    """A failed attempt: try again after a backoff, or fail after the last attempt."""
+def transient(rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str) -> None:
+    """A failed attempt: try again after a backoff, or fail after the last attempt.
+
+    A handler whose process died runs isolated from now on (the flag is on the row).
+    """
     if claimed.attempt >= spec.max_attempts:
         finish(rt, claimed, "fail", reason=f"gave up after {claimed.attempt} attempts: {error}")
         return
     delay = backoff_s(rt, claimed.attempt)
     retry_at = utcnow() + timedelta(seconds=delay)
-    released = leases.release(
-        rt.db, claimed.task_id, claimed.token, retry_at, error=error, end_deferral=not trial
+    released = persist(
+        "retry",
+        lambda: leases.release(rt.db, claimed.task_id, claimed.token, retry_at, error=error),
     )
     if not released:
         log.warning("lease_lost", transition="retry", reason="another worker took the task over")
@@ -311,43 +356,75 @@ def transient(
     send_execute(rt, claimed.task_id, claimed.attempt, claimed.agent, countdown=delay)
 
 
+def trial_failed(rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str) -> None:
+    """The breaker's half-open trial failed: the outage's, not the task's, so the attempt
+    is given back and the task waits as deferred (bounded by ``max_deferral_s``)."""
+    now = utcnow()
+    delay = min(spec.reset_timeout_s, c.MAX_DEFER_COUNTDOWN_S) * random.uniform(1.0, 1.2)
+    attempts = claimed.attempt - 1
+    since = persist(
+        "trial_failed",
+        lambda: leases.defer(
+            rt.db, claimed.task_id, attempts, now + timedelta(seconds=delay), token=claimed.token
+        ),
+    )
+    if since is None:
+        log.warning("lease_lost", transition="defer", reason="another worker took the task over")
+        return
+    log.info("trial_failed", error=error)
+    wait_or_escalate(rt, claimed.task_id, attempts, spec, since, delay, spec.breaker_name)
+
+
 def defer(
     rt: Runtime,
     task_id: int,
     attempts: int,
     spec: AgentSpec,
     refused: BreakerOpen,
-    lease: leases.Lease | None = None,
-    delivered_first: bool | None = None,
+    token: str | None = None,
 ) -> None:
     """The agent's breaker is open: wait for its next trial without using an attempt.
 
-    A pre-claimed attempt is given back; the deferred message claims it later.
+    A pre-claimed attempt is given back; the deferred message claims it later. A
+    message that takes over a dead worker's lease is only sent again later.
     """
-    if lease is not None and first_copy(rt, lease, delivered_first) is False:
-        log.info("hop_skipped", task_id=task_id, reason="duplicate message: already run")
-        return
-    now = utcnow()
     delay = min(max(refused.remaining_s, 0.2), c.MAX_DEFER_COUNTDOWN_S) * random.uniform(1.0, 1.2)
-    since = leases.defer(
-        rt.db,
-        task_id,
-        attempts,
-        now + timedelta(seconds=delay),
-        token=lease.token if lease is not None else None,
-    )
+    if token is not None and leases.is_run_token(token):
+        send_execute(rt, task_id, attempts, spec.name, countdown=delay, token=token)
+        return
+    retry_at = utcnow() + timedelta(seconds=delay)
+    since = leases.defer(rt.db, task_id, attempts, retry_at, token=token)
     if since is None:
         explain_stale(rt, task_id, f"in_progress at attempt {attempts + 1}, not leased")
         return
+    wait_or_escalate(
+        rt, task_id, attempts, spec, since, delay, refused.name, refused.opened_at, refused.state
+    )
+
+
+def wait_or_escalate(
+    rt: Runtime,
+    task_id: int,
+    attempts: int,
+    spec: AgentSpec,
+    since: datetime,
+    delay_s: float,
+    breaker: str,
+    opened_at: datetime | None = None,
+    breaker_state: str = "open",
+) -> None:
+    """A deferred task (recorded ``since``) waits ``delay_s`` more, or is escalated once
+    it has waited longer than its agent's ``max_deferral_s``."""
+    now = utcnow()
     if (now - since).total_seconds() > spec.max_deferral_s:
-        opened = refused.opened_at or since
+        opened = opened_at or since
         outcome = apply_transition(
             rt.db,
             task_id,
             "escalate",
             expected=TaskStatus.IN_PROGRESS,
             agent=spec.name,
-            reason=f"breaker {refused.name} open since {opened.isoformat(timespec='seconds')}",
+            reason=f"breaker {breaker} open since {opened.isoformat(timespec='seconds')}",
             worker=rt.worker,
             set_={"not_before": None, "deferred_since": None},
             guard={"attempts": attempts},
@@ -358,9 +435,9 @@ def defer(
     metrics.deferral(spec.name)
     log.info(
         "hop_deferred",
-        breaker=refused.name,
-        breaker_state=refused.state,
-        countdown_s=round(delay, 2),
+        breaker=breaker,
+        breaker_state=breaker_state,
+        countdown_s=round(delay_s, 2),
         deferred_for_s=round((now - since).total_seconds(), 1),
     )
-    send_execute(rt, task_id, attempts, spec.name, countdown=delay)
+    send_execute(rt, task_id, attempts, spec.name, countdown=delay_s)

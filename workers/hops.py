@@ -5,7 +5,7 @@
     taskrail.assign(task_id, task_type)   pending -> assigned      then start
     taskrail.start(task_id)               assigned -> in_progress  then execute, with
                                           the first attempt pre-claimed
-    taskrail.execute(task_id, attempts, agent[, lease])
+    taskrail.execute(task_id, attempts, agent[, token])
                                           in_progress -> completed | failed | escalated,
                                           or another attempt later
 
@@ -30,15 +30,15 @@ import structlog
 from celery import Task
 
 from orchestration import constants as c
-from orchestration import metrics, redisbroker
+from orchestration import metrics
 from orchestration.agents import AgentSpec, registry
 from orchestration.errors import InfrastructureError, UnknownTaskType
-from orchestration.leases import Lease
+from orchestration.leases import preclaim_token
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, utcnow
 from orchestration.transitions import INCREMENT, Outcome, apply_transition
 from workers import execution, messages
-from workers.celery_app import app
+from workers.celery_app import app, dead_letter_hop
 from workers.runtime import Runtime, runtime
 
 log = get_logger("taskrail.hop")
@@ -66,6 +66,7 @@ def hop_scope(task: Task, hop: str) -> Iterator[Runtime]:
         yield rt
     except messages.MalformedMessage as err:
         log.warning("message_dropped", reason=err.reason, message_id=task.request.id)
+        dead_letter_hop(task, str(err))
     except InfrastructureError as err:
         delay = min(30.0, 1.0 * 2 ** min(task.request.retries, 5)) * random.uniform(0.5, 1.0)
         log.warning("hop_retry_later", error=str(err), countdown_s=round(delay, 2))
@@ -130,8 +131,9 @@ def start(self: Task, *args: Any, **kwargs: Any) -> None:
         (raw_id,) = messages.parse("start", args, kwargs, ("task_id",), 1)
         task_id = messages.task_id("start", raw_id)
         structlog.contextvars.bind_contextvars(task_id=task_id)
-        # The same statement pre-claims the first attempt for the execute hop.
-        token = execution.new_token(rt)
+        # The same statement pre-claims the first attempt for the execute hop; the
+        # message carries only the pre-claim's token, the payload stays in the row.
+        token = preclaim_token(rt.worker)
         until = utcnow() + timedelta(seconds=rt.settings.lease_ttl_s)
         result = apply_transition(
             rt.db,
@@ -140,29 +142,25 @@ def start(self: Task, *args: Any, **kwargs: Any) -> None:
             expected=TaskStatus.ASSIGNED,
             worker=rt.worker,
             set_={"lease_owner": token, "lease_expires_at": until, "attempts": INCREMENT},
-            returning=("attempts", "assigned_agent", "client_id", "task_type", "payload"),
+            returning=("attempts", "assigned_agent"),
         )
         if result.outcome is not Outcome.APPLIED:
             execution.explain_stale(rt, task_id, "assigned")
             return
         row = result.row
-        lease = Lease(token, until.timestamp(), row["client_id"], row["task_type"], row["payload"])
-        execution.send_execute(rt, task_id, row["attempts"] - 1, row["assigned_agent"], lease=lease)
+        execution.send_execute(rt, task_id, row["attempts"] - 1, row["assigned_agent"], token=token)
 
 
 @app.task(name=c.HOP_EXECUTE, base=HopTask, bind=True)
 def execute(self: Task, *args: Any, **kwargs: Any) -> None:
     """Call the agent's handler through its breaker, under a lease (workers.execution)."""
     with hop_scope(self, "execute") as rt:
-        raw_id, raw_attempts, raw_agent, raw_lease = messages.parse(
+        raw_id, raw_attempts, raw_agent, raw_token = messages.parse(
             "execute", args, kwargs, ("task_id", "attempts", "agent", "lease"), 2
         )
         task_id = messages.task_id("execute", raw_id)
         attempts = messages.attempts("execute", raw_attempts)
         agent = messages.agent_name("execute", raw_agent)
-        lease = messages.lease("execute", raw_lease)
+        token = messages.lease_token("execute", raw_token)
         structlog.contextvars.bind_contextvars(task_id=task_id, agent=agent)
-        delivered_first = getattr(self.request, redisbroker.FIRST_HEADER, None)
-        if not isinstance(delivered_first, bool):
-            delivered_first = None
-        execution.execute(rt, task_id, attempts, agent, lease, delivered_first)
+        execution.execute(rt, task_id, attempts, agent, token)

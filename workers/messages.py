@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from orchestration.errors import InputError
-from orchestration.leases import Lease
 
 
 class MalformedMessage(InputError):
@@ -64,24 +63,15 @@ def agent_name(hop: str, value: Any) -> str | None:
     return value
 
 
-def lease(hop: str, value: Any) -> Lease | None:
-    """The pre-claim an execute message may carry (:meth:`Lease.to_message`)."""
+def lease_token(hop: str, value: Any) -> str | None:
+    """The lease an execute message names: a pre-claim, or a run lease to take over.
+
+    Messages of earlier releases carried an object with the token in it.
+    """
+    if isinstance(value, dict):
+        value = value.get("token")
     if value is None:
         return None
-    if not isinstance(value, dict):
-        raise MalformedMessage(hop, f"lease must be an object, got {type(value).__name__}")
-    token, until = value.get("token"), value.get("until")
-    if not isinstance(token, str) or not token or len(token) > 255:
-        raise MalformedMessage(hop, f"lease token must be a short string, got {token!r}")
-    if isinstance(until, bool) or not isinstance(until, int | float):
-        raise MalformedMessage(hop, f"lease until must be a number, got {until!r}")
-    payload = value.get("payload")
-    if not isinstance(payload, dict):
-        raise MalformedMessage(hop, "lease payload must be an object")
-    return Lease(
-        token=token,
-        until=float(until),
-        client_id=_int(hop, "client_id", value.get("client_id")),
-        task_type=task_type(hop, value.get("task_type")),
-        payload=payload,
-    )
+    if not isinstance(value, str) or not value or len(value) > 255:
+        raise MalformedMessage(hop, f"lease token must be a short string, got {value!r}")
+    return value

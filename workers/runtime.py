@@ -9,20 +9,22 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Celery, signals
 
-from orchestration import constants as c
 from orchestration import metrics, redisbroker
 from orchestration.agents import AgentSpec, Escalate, PermanentError, load_agent_modules
 from orchestration.breakers import BreakerBoard, SharedBreaker
 from orchestration.db import ConnectionTimeouts, Database
 from orchestration.dispatch import Dispatcher
-from orchestration.leases import LeaseKeeper, RunGuard
+from orchestration.leases import LeaseKeeper
+from orchestration.errors import TaskrailError
 from orchestration.logging import get_logger
+from orchestration.redact import redact_text
 from orchestration.settings import Settings, get_settings
 
 log = get_logger("taskrail.worker")
@@ -36,7 +38,6 @@ class Runtime:
     worker: str  # host:pid, recorded on every event this process writes
     leases: LeaseKeeper
     breakers: BreakerBoard
-    run_guard: RunGuard
 
     def breaker_for(self, spec: AgentSpec) -> SharedBreaker:
         """The shared breaker guarding calls to ``spec``'s handler."""
@@ -78,11 +79,6 @@ def runtime(app: Celery) -> Runtime:
                     settings.redis_url,
                     namespace=settings.breaker_namespace,
                     on_state_change=lambda change: metrics.breaker_changed(change.name, change.new),
-                ),
-                run_guard=RunGuard(
-                    settings.redis_url,
-                    settings.breaker_namespace,
-                    ttl_s=settings.visibility_timeout_s * c.RUN_GUARD_TTL_FACTOR,
                 ),
             )
             _pid = os.getpid()
@@ -143,7 +139,50 @@ def _flush_held_pushes(**_: object) -> None:
     redisbroker.flush_deferred_pushes()
 
 
+def check_can_work(settings: Settings) -> None:
+    """Raise what would keep this process from doing any hop: an agent module that cannot
+    be imported (ConfigurationError), a database that cannot be reached
+    (DatabaseUnavailable) or has no current schema (SchemaNotReady).
+
+    Connects once and lets go: a prefork parent must not keep connections.
+    """
+    load_agent_modules(settings.agents)
+    db = Database(
+        settings.effective_database_url,
+        pool_size=1,
+        timeouts=ConnectionTimeouts.from_settings(settings),
+    )
+    try:
+        db.ensure_schema()
+    finally:
+        db.dispose()
+
+
+def refuse_to_start(process: str, err: BaseException) -> NoReturn:
+    """Exit non-zero with one line saying why (Celery logs and swallows a signal
+    handler's exceptions, and the process would run on unable to work)."""
+    reason = redact_text(str(err)).strip().splitlines()
+    line = reason[0] if reason else type(err).__name__
+    if not isinstance(err, TaskrailError):
+        line = f"{type(err).__name__}: {line}"
+    sys.stderr.write(f"taskrail {process} cannot start: {line}\n")
+    sys.stderr.flush()
+    raise SystemExit(1)
+
+
 @signals.worker_init.connect
 def _load_agents_early(**_: object) -> None:
-    # Fail at start-up, not on the first message, when an agent module is missing.
-    load_agent_modules(get_settings().agents)
+    # Fail at start-up, not on the first message: a worker that cannot work would take
+    # messages and use them up.
+    try:
+        check_can_work(get_settings())
+    except Exception as err:
+        refuse_to_start("worker", err)
+
+
+@signals.beat_init.connect
+def _check_beat_can_work(**_: object) -> None:
+    try:
+        check_can_work(get_settings())
+    except Exception as err:
+        refuse_to_start("beat", err)
