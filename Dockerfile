@@ -19,4 +19,4 @@ RUN pip install . "flower>=2.0" \
     && chown -R taskrail /var/lib/taskrail
 
 USER taskrail
-CMD ["celery", "-A", "workers", "worker", "--loglevel=INFO", "--pool=solo", "--queues=taskrail.hops,taskrail.control"]
+CMD ["celery", "-A", "workers", "worker", "--loglevel=INFO", "--pool=solo", "--queues=taskrail.hops,taskrail.control", "--hostname=worker@%h"]

@@ -11,8 +11,11 @@ import json
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -88,18 +91,37 @@ def test_compose_sets_only_real_settings() -> None:
         assert "metrics:/var/lib/taskrail/metrics" in services[name]["volumes"], name
 
 
+def _node_name(words: list[str]) -> str | None:
+    """The value of a command's ``--hostname=`` option (Celery's node name), if any."""
+    return next((w.split("=", 1)[1] for w in words if w.startswith("--hostname=")), None)
+
+
+def _without_node_name(words: list[str]) -> list[str]:
+    return [w for w in words if not w.startswith("--hostname=")]
+
+
 def test_procfile_and_compose_run_the_same_commands() -> None:
     procs = procfile()
     services = compose()["services"]
     assert set(SHARED_PROCESSES) <= set(procs)
     for name in SHARED_PROCESSES:
-        assert command_words(procs[name]) == command_words(_compose_command(services[name])), name
+        ours, theirs = command_words(procs[name]), command_words(_compose_command(services[name]))
+        assert _without_node_name(ours) == _without_node_name(theirs), name
+        if name != "worker":
+            assert _node_name(ours) == _node_name(theirs), name
     # Between them, worker and executor consume every queue: the short hops one at a
     # time, the handlers on threads with one message prefetched per thread.
     worker = command_words(procs["worker"])
     assert worker[:4] == ["celery", "-A", "workers", "worker"]
     assert "--queues=taskrail.hops,taskrail.control" in worker
     assert "--pool=solo" in worker
+    # Every worker has a node name of its own (issue 19.12): under honcho each process
+    # of a type gets its own PORT; each compose container its own hostname (%h), which
+    # its health check pings.
+    assert _node_name(worker) == "worker-${PORT:-5000}@%h"
+    assert _node_name(command_words(_compose_command(services["worker"]))) == "worker@%h"
+    assert "--destination worker@$$HOSTNAME" in services["worker"]["healthcheck"]["test"][1]
+    assert _node_name(command_words(procs["executor"])) == "executor@%h"
     executor = command_words(procs["executor"])
     assert executor[:4] == ["celery", "-A", "workers", "worker"]
     assert "--queues=taskrail.execute" in executor
@@ -216,3 +238,47 @@ def test_migrate_service_command_upgrades_a_fresh_database(tmp_path: Path) -> No
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.mark.integration
+def test_two_procfile_workers_have_a_node_name_each(
+    server_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Given two Procfile workers started as the docs say (`honcho start -c worker=2`)
+    env = {**server_env, "PATH": f"{BIN}{os.pathsep}{server_env.get('PATH', '')}"}
+    env.pop("PORT", None)
+    log = tmp_path / "honcho.log"
+    honcho = str(BIN / "honcho")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [honcho, "start", "-c", "worker=2", "worker"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        # When both are up and Celery pings the cluster
+        names: set[str] = set()
+        deadline = time.monotonic() + 90
+        while len(names) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+            ping = subprocess.run(
+                [str(BIN / "celery"), "-A", "workers", "inspect", "ping", "--json",
+                 "--timeout", "2"],
+                cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            lines = [line for line in ping.stdout.splitlines() if line.startswith("{")]
+            names = {name for line in lines for name in json.loads(line)}
+        # Then each answers under a name of its own, and Celery saw no duplicate
+        host = socket.gethostname()
+        assert names == {f"worker-5000@{host}", f"worker-5001@{host}"}, names
+        assert "DuplicateNodenameWarning" not in log.read_text(errors="replace")
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

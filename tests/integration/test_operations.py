@@ -77,6 +77,8 @@ def _healthcheck(service: str, port: int, default_port: int) -> subprocess.Compl
 def _shell_healthcheck(service: str, env: dict[str, str]) -> subprocess.Popen[str]:
     kind, command = compose()["services"][service]["healthcheck"]["test"]
     assert kind == "CMD-SHELL"
+    # honcho names its first worker by its PORT (worker-5000@host), compose by its container
+    command = command.replace("--destination worker@", "--destination worker-5000@")
     return subprocess.Popen(
         ["sh", "-c", command.replace("$$", "$")],
         cwd=REPO,
@@ -288,6 +290,7 @@ def test_procfile_runs_under_honcho(
     env = _with_venv(
         {
             **server_env,
+            "PORT": "5000",  # honcho's base port: the worker is worker-5000@<host>
             "TASKRAIL_SWEEP_INTERVAL_S": "1",
             "TASKRAIL_REDRIVE_AFTER_S": "2",
             "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics"),
@@ -329,7 +332,7 @@ def test_procfile_runs_under_honcho(
         status, body = http_get(
             f"http://127.0.0.1:{flower_port}/api/workers?refresh=1", auth=FLOWER_AUTH
         )
-        assert status == 200 and f"celery@{HOST}" in json.loads(body)
+        assert status == 200 and f"worker-5000@{HOST}" in json.loads(body)
         assert http_get(f"http://127.0.0.1:{flower_port}/api/workers")[0] == 401
         assert http_get(f"http://127.0.0.1:{metrics_port}/metrics")[0] == 401
     finally:
