@@ -25,7 +25,6 @@ import them with :func:`load_agent_modules`.
 from __future__ import annotations
 
 import importlib
-import json
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +32,8 @@ from types import MappingProxyType
 from typing import Any
 
 from orchestration import constants as c
-from orchestration.errors import ConfigurationError, UnknownTaskType
+from orchestration.errors import ConfigurationError, InvalidPayload, UnknownTaskType
+from orchestration.values import ESCAPE, StoredJson, encode_result, read_text
 
 
 class AgentSignal(Exception):
@@ -53,8 +53,11 @@ class PermanentError(AgentSignal):
 
 
 def _freeze(value: Any) -> Any:
+    """The stored payload, read-only and with its escapes undone (orchestration.values)."""
+    if isinstance(value, str):
+        return read_text(value) if ESCAPE in value else value
     if isinstance(value, Mapping):
-        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+        return MappingProxyType({_freeze(k): _freeze(v) for k, v in value.items()})
     if isinstance(value, list | tuple):
         return tuple(_freeze(v) for v in value)
     return value
@@ -74,7 +77,13 @@ class TaskView:
     def build(
         cls, id: int, client_id: int, task_type: str, payload: Mapping[str, Any], attempt: int
     ) -> TaskView:
-        return cls(id, client_id, task_type, _freeze(payload or {}), attempt)
+        """The view of a task whose payload is as stored. Raises InvalidPayload for one
+        nested too deep to walk (:func:`orchestration.values.check_task_row` says more)."""
+        try:
+            frozen = _freeze(payload or {})
+        except RecursionError:
+            raise InvalidPayload(f"nested deeper than {c.MAX_JSON_DEPTH} levels") from None
+        return cls(id, client_id, task_type, frozen, attempt)
 
 
 Handler = Callable[[TaskView], Any]
@@ -219,7 +228,11 @@ def load_agent_modules(modules: Iterable[str]) -> None:
             raise ConfigurationError(f"cannot import agent module {module!r}: {err}") from err
 
 
-def ensure_json(value: Any, what: str = "result") -> Any:
-    """``value`` if it survives a JSON round trip; raises TypeError/ValueError otherwise."""
-    json.dumps(value, allow_nan=False)
-    return value
+def ensure_json(value: Any, what: str = "result") -> StoredJson:
+    """A handler's result in the form it is stored in (pass it on as the ``result``).
+
+    Text PostgreSQL cannot hold is escaped, reversibly; what JSON cannot keep (keys that
+    are not strings, NaN, integers beyond 64 bits, nesting deeper than MAX_JSON_DEPTH,
+    more than MAX_RESULT_BYTES) raises ResultRejected (a ValueError) with the reason.
+    """
+    return encode_result(value)

@@ -13,18 +13,24 @@ The module functions use one :class:`Taskrail` built from the ``TASKRAIL_*``
 environment on first use; build a :class:`Taskrail` yourself for other settings.
 A task row is committed before its first hop is sent; if the broker cannot take the
 message, the task stays pending and the sweeper sends it later (nothing is lost).
+
+Every failure is a TaskrailError: an InputError (nothing written) for what
+:mod:`orchestration.values` refuses, the same rules the worker checks a loaded row by,
+or an InfrastructureError. Payloads, results and reasons read back as they were given.
 """
 
 from __future__ import annotations
 
-import json
+import random
 import threading
+import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import orjson
-from sqlalchemy import func, select
+from psycopg.errors import TransactionRollback
+from sqlalchemy import Text, bindparam, func, select
 from sqlalchemy.dialects import sqlite
 
 from orchestration import constants as c
@@ -33,24 +39,36 @@ from orchestration.db import ConnectionTimeouts, Database
 from orchestration.dispatch import Dispatcher, make_celery
 from orchestration.errors import (
     BrokerUnavailable,
-    InvalidClientId,
-    InvalidPayload,
+    InputError,
+    InvalidTaskItem,
     NotRetryable,
     TaskNotFound,
+    WriteConflict,
+    short_repr,
 )
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, events_table, tasks_table, utcnow
 from orchestration.records import EventRecord, TaskRecord
 from orchestration.settings import Settings, get_settings
 from orchestration.transitions import Outcome, TransitionNotAllowed, apply_transition
+from orchestration.values import (
+    check_client_id,
+    check_idempotency_key,
+    check_task_type,
+    encode_payload,
+)
 
 log = get_logger("taskrail.api")
 
-MAX_KEY_LENGTH = 255
+MAX_KEY_LENGTH = c.MAX_IDEMPOTENCY_KEY_CHARS
+# Task ids are BIGINT: an id outside 1 .. 2**63-1 names no task.
+_MAX_TASK_ID = 2**63 - 1
 
 
 # submit_many on PostgreSQL: every row of the batch (a JSON array of
-# [client_id, task_type, payload, idempotency_key]) in one INSERT; ids in input order.
+# [client_id, task_type, payload, idempotency_key]) in one INSERT; ids drawn and answered
+# in input order, rows inserted in the order of their keys: two batches that share keys
+# take their locks in one order, never each waiting on the other (a deadlock).
 _INSERT_MANY = """
 WITH src AS (
     SELECT nextval(pg_get_serial_sequence('tasks', 'id')) AS id, o, e
@@ -59,12 +77,28 @@ WITH src AS (
     INSERT INTO tasks (id, client_id, task_type, status, payload, attempts,
                        idempotency_key, created_at, updated_at)
     SELECT id, (e->>0)::bigint, e->>1, 'pending', e->2, 0, e->>3, now(), now()
-    FROM src ORDER BY o
+    FROM src ORDER BY (e->>3) COLLATE "C", o
     ON CONFLICT (idempotency_key) DO NOTHING
     RETURNING id
 )
 SELECT src.id, ins.id IS NOT NULL, src.e->>3 FROM src LEFT JOIN ins USING (id) ORDER BY src.o
 """
+
+
+def _insert_batch(conn: Any, batch: str) -> tuple[list[Any], dict[str, int]]:
+    """Run _INSERT_MANY on ``conn``; (id, created, key) per row, and the ids of keys taken
+    before this statement (or twice in this batch)."""
+    created = conn.execute(_INSERT_MANY, (batch,)).fetchall()
+    missing = [key for _id, is_new, key in created if not is_new]
+    existing: dict[str, int] = {}
+    if missing:
+        existing = dict(
+            conn.execute(
+                "SELECT idempotency_key, id FROM tasks WHERE idempotency_key = ANY(%s)",
+                (missing,),
+            ).fetchall()
+        )
+    return created, existing
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,41 +120,57 @@ class _Row(NamedTuple):
     idempotency_key: str | None
 
 
-def _check_client_id(client_id: Any) -> int:
-    if isinstance(client_id, bool) or not isinstance(client_id, int):
-        raise InvalidClientId(client_id)
-    return client_id
+_FIELDS = tuple(f.name for f in fields(NewTask))
+_REQUIRED = ("task_type", "client_id")
 
 
-def _encode_payload(payload: Any) -> str:
-    """The payload as the JSON text to store. Raises InvalidPayload."""
-    if payload is None:
-        return "{}"
-    if not isinstance(payload, Mapping):
-        raise InvalidPayload(f"must be a JSON object, got {type(payload).__name__}")
-    try:
-        encoded = json.dumps(payload, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as err:
-        raise InvalidPayload(f"not JSON-serialisable: {err}") from err
-    if len(encoded) > c.MAX_MESSAGE_BYTES:
-        raise InvalidPayload(f"larger than {c.MAX_MESSAGE_BYTES} bytes as JSON")
-    return encoded
+def _new_task(item: Any, index: int) -> NewTask:
+    """``item`` of submit_many as a NewTask. Raises InvalidTaskItem."""
+    if isinstance(item, NewTask):
+        return item
+    if not isinstance(item, Mapping):
+        raise InvalidTaskItem(index, f"must be a NewTask or a mapping, got {type(item).__name__}")
+    for name in item:
+        if name not in _FIELDS:
+            raise InvalidTaskItem(
+                index, f"unknown field {short_repr(name)}; the fields are {', '.join(_FIELDS)}"
+            )
+    for name in _REQUIRED:
+        if name not in item:
+            raise InvalidTaskItem(index, f"missing field {name}")
+    return NewTask(**item)
 
 
-def _check_key(key: Any) -> str | None:
-    if key is None:
-        return None
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
-        raise InvalidPayload(
-            f"idempotency key must be a non-empty string of at most {MAX_KEY_LENGTH} characters"
-        )
-    return key
+def _check(new: NewTask) -> _Row:
+    """One task checked by the rules the worker applies to a loaded row.
+
+    Raises UnknownTaskType, InvalidClientId, InvalidPayload, InvalidIdempotencyKey.
+    """
+    task_type = check_task_type(new.task_type)
+    registry.for_task_type(task_type)
+    return _Row(
+        check_client_id(new.client_id),
+        task_type,
+        encode_payload(new.payload).text,
+        check_idempotency_key(new.idempotency_key),
+    )
+
+
+def _at_item(err: InputError, index: int) -> InputError:
+    """``err`` (of item ``index`` of a batch) with the index in its message."""
+    if not isinstance(err, InvalidTaskItem):
+        err.item = index  # type: ignore[attr-defined]
+        err.args = (f"item {index}: {err}",)
+    return err
 
 
 def _check_task_id(task_id: Any) -> int:
+    """``task_id`` if a task could have it; raises TaskNotFound without asking otherwise."""
     if isinstance(task_id, bool) or not isinstance(task_id, int):
         raise TaskNotFound(task_id)
-    return task_id
+    if not 0 < task_id <= _MAX_TASK_ID:
+        raise TaskNotFound(task_id)
+    return int(task_id)
 
 
 class Taskrail:
@@ -158,32 +208,33 @@ class Taskrail:
         """Record a new pending task and send its first hop; returns its id.
 
         With an ``idempotency_key`` already used, returns that task's id and creates
-        nothing. Raises UnknownTaskType, InvalidClientId, InvalidPayload (nothing
-        written) and DatabaseUnavailable.
+        nothing. Raises UnknownTaskType, InvalidClientId, InvalidPayload,
+        InvalidIdempotencyKey (nothing written), DatabaseUnavailable, WriteConflict.
         """
-        return self.submit_many([NewTask(task_type, client_id, payload, idempotency_key)])[0]
+        row = _check(NewTask(task_type, client_id, payload, idempotency_key))
+        return self._submit_rows([row])[0]
 
     def submit_many(self, items: Iterable[NewTask | Mapping[str, Any]]) -> list[int]:
         """Submit many tasks in one transaction; returns their ids in input order.
 
-        Every item is validated before anything is written: one bad item raises and
-        no task is created.
+        Every item is validated before anything is written: one bad item raises (its
+        error names the item's index, from 0) and no task is created.
         """
+        try:
+            listed = list(items)
+        except TypeError:
+            raise InputError(
+                f"submit_many takes NewTask items or mappings, got {type(items).__name__}"
+            ) from None
         rows: list[_Row] = []
-        known: set[str] = set()
-        for item in items:
-            new = item if isinstance(item, NewTask) else NewTask(**item)
-            if new.task_type not in known:
-                registry.for_task_type(new.task_type)
-                known.add(new.task_type)
-            rows.append(
-                _Row(
-                    _check_client_id(new.client_id),
-                    new.task_type,
-                    _encode_payload(new.payload),
-                    _check_key(new.idempotency_key),
-                )
-            )
+        for index, item in enumerate(listed):
+            try:
+                rows.append(_check(_new_task(item, index)))
+            except InputError as err:
+                raise _at_item(err, index) from None
+        return self._submit_rows(rows)
+
+    def _submit_rows(self, rows: list[_Row]) -> list[int]:
         if not rows:
             return []
         created = self._insert_postgres(rows) if self.db.is_postgres else self._insert_sqlite(rows)
@@ -200,7 +251,9 @@ class Taskrail:
 
         The rows travel as one JSON array (the payloads as the JSON text they were
         checked as); each draws its id from the sequence in input order, and a row whose
-        idempotency key exists already is skipped and answered with that task's id.
+        idempotency key exists already is skipped and answered with that task's id. A
+        deadlock or serialization failure is tried again, up to DB_CONFLICT_ATTEMPTS
+        times in all (then WriteConflict).
         """
         batch = orjson.dumps(
             [
@@ -213,18 +266,18 @@ class Taskrail:
                 for row in rows
             ]
         ).decode()
-        with self.db.driver_connection() as conn, conn.transaction():
-            created = conn.execute(_INSERT_MANY, (batch,)).fetchall()
-            missing = [key for _id, is_new, key in created if not is_new]
-            existing: dict[str, int] = {}
-            if missing:
-                # Keys taken before this statement, or twice in this batch.
-                existing = dict(
-                    conn.execute(
-                        "SELECT idempotency_key, id FROM tasks WHERE idempotency_key = ANY(%s)",
-                        (missing,),
-                    ).fetchall()
-                )
+        with self.db.driver_connection() as conn:
+            for attempt in range(1, c.DB_CONFLICT_ATTEMPTS + 1):
+                try:
+                    with conn.transaction():
+                        created, existing = _insert_batch(conn, batch)
+                    break
+                except TransactionRollback as err:
+                    if attempt == c.DB_CONFLICT_ATTEMPTS:
+                        detail = str(err).splitlines()[0] if str(err) else ""
+                        raise WriteConflict(self.db.where, attempt, detail) from None
+                    log.info("submit_conflict_retry", attempt=attempt, error=type(err).__name__)
+                    time.sleep(random.uniform(0.5, 1.0) * c.DB_CONFLICT_PAUSE_S * attempt)
         return [
             (task_id, True) if is_new else (existing[key], False)
             for task_id, is_new, key in created
@@ -232,25 +285,24 @@ class Taskrail:
 
     def _insert_sqlite(self, new_rows: list[_Row]) -> list[tuple[int, bool]]:
         """Insert ``new_rows`` with SQLAlchemy; returns (id, created) per row,
-        resolving idempotency keys."""
+        resolving idempotency keys. Payloads go in as the JSON text they were checked as."""
         now = utcnow()
         rows = [row._asdict() for row in new_rows]
         for row in rows:
             row.update(status=TaskStatus.PENDING, attempts=0, created_at=now, updated_at=now)
-            row["payload"] = json.loads(row["payload"])
+            row["payload_text"] = row.pop("payload")
         keyed = [row for row in rows if row["idempotency_key"] is not None]
+        insert = sqlite.insert(tasks_table).values(
+            payload=bindparam("payload_text", type_=Text())
+        )
         with self.db.begin() as conn:
             if not keyed:
-                stmt = sqlite.insert(tasks_table).returning(
-                    tasks_table.c.id, sort_by_parameter_order=True
-                )
+                stmt = insert.returning(tasks_table.c.id, sort_by_parameter_order=True)
                 ids = conn.execute(stmt, rows).scalars().all()
                 return [(task_id, True) for task_id in ids]
             result: list[tuple[int, bool]] = []
-            stmt = (
-                sqlite.insert(tasks_table)
-                .on_conflict_do_nothing(index_elements=["idempotency_key"])
-                .returning(tasks_table.c.id)
+            stmt = insert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
+                tasks_table.c.id
             )
             seen: dict[str, int] = {}
             for row in rows:

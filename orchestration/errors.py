@@ -6,13 +6,17 @@
     ├── InputError                 bad input from a producer or operator; nothing was written
     │   ├── UnknownTaskType        no agent handles the task type (lists the known ones)
     │   ├── InvalidPayload         payload is not a JSON object / not JSON-serialisable
-    │   ├── InvalidClientId        client id missing or not an integer
+    │   │   └── InvalidIdempotencyKey  not a string of 1-255 characters taskrail can store
+    │   ├── InvalidTaskItem        an item of submit_many that is not a task (names its index)
+    │   ├── ResultRejected         a handler's result taskrail cannot store (the reason says why)
+    │   ├── InvalidClientId        client id missing, not an integer, or outside 0 .. 2**63-1
     │   ├── TaskNotFound           no task with that id
     │   └── NotRetryable           retry of a task that is not failed
     ├── InfrastructureError        a server taskrail needs is down or not ready
     │   ├── DatabaseUnavailable    the database cannot be reached
     │   ├── SchemaNotReady         the database has no (current) taskrail schema
-    │   └── BrokerUnavailable      the message broker cannot be reached
+    │   ├── BrokerUnavailable      the message broker cannot be reached
+    │   └── WriteConflict          concurrent writes kept conflicting (deadlock) after retries
     ├── DatabaseRejected           the database refused a statement (constraint, data, SQL)
     └── ConfigurationError         settings or agent registration that cannot work
 
@@ -26,7 +30,19 @@ Each exception carries its facts as attributes (``task_id``, ``status``, ...) an
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = _repr.maxlong = 60
+
+
+def short_repr(value: object) -> str:
+    """``repr(value)``, cut short: messages never carry a whole payload."""
+    try:
+        return _repr.repr(value)
+    except Exception:  # a broken __repr__ must not hide the error being reported
+        return f"<{type(value).__name__}>"
 
 
 class TaskrailError(Exception):
@@ -55,16 +71,39 @@ class InvalidPayload(InputError):
         super().__init__(f"invalid payload: {reason}")
 
 
+class InvalidIdempotencyKey(InvalidPayload):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        InputError.__init__(self, f"invalid idempotency key: {reason}")
+
+
+class InvalidTaskItem(InputError):
+    def __init__(self, index: int, reason: str) -> None:
+        self.index = index
+        self.reason = reason
+        super().__init__(f"item {index}: {reason}")
+
+
+class ResultRejected(InputError):
+    """A handler's result taskrail cannot store; the reason is the task's failure reason."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"result cannot be stored: {reason}")
+
+
 class InvalidClientId(InputError):
     def __init__(self, value: object) -> None:
         self.value = value
-        super().__init__(f"client id must be an integer, got {value!r}")
+        super().__init__(
+            f"client id must be an integer from 0 to 2**63-1, got {short_repr(value)}"
+        )
 
 
 class TaskNotFound(InputError, LookupError):
     def __init__(self, task_id: object) -> None:
         self.task_id = task_id
-        super().__init__(f"no task with id {task_id!r}")
+        super().__init__(f"no task with id {short_repr(task_id)}")
 
 
 class NotRetryable(InputError):
@@ -100,6 +139,17 @@ class BrokerUnavailable(InfrastructureError):
         self.detail = detail
         msg = f"message broker unreachable at {where}"
         super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class WriteConflict(InfrastructureError):
+    """Concurrent transactions kept conflicting (deadlock, serialization) after retries."""
+
+    def __init__(self, where: str, attempts: int, detail: str = "") -> None:
+        self.where = where
+        self.attempts = attempts
+        self.detail = detail
+        msg = f"concurrent writes at {where} kept conflicting after {attempts} attempts"
+        super().__init__(f"{msg}: {detail}; try again" if detail else f"{msg}; try again")
 
 
 class DatabaseRejected(TaskrailError):

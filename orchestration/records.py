@@ -1,4 +1,8 @@
-"""Read-only records handed to producers and printed by the CLI."""
+"""Read-only records handed to producers and printed by the CLI.
+
+Built from stored rows, with the escapes of :mod:`orchestration.values` undone: a
+record holds the payload, result and reasons as they were given.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from orchestration.models import TaskStatus
+from orchestration.values import read_json, read_text
 
 
 def _jsonable(value: Any) -> Any:
@@ -36,7 +41,11 @@ class TaskRecord:
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> TaskRecord:
-        return cls(**{name: row[name] for name in cls.__slots__})
+        values = {name: row[name] for name in cls.__slots__}
+        values["payload"] = read_json(values["payload"])
+        values["result"] = read_json(values["result"])
+        values["last_error"] = read_text(values["last_error"])
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _jsonable(v) for k, v in asdict(self).items()}
@@ -56,7 +65,9 @@ class EventRecord:
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> EventRecord:
-        return cls(**{name: row[name] for name in cls.__slots__})
+        values = {name: row[name] for name in cls.__slots__}
+        values["detail"] = read_text(values["detail"])
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _jsonable(v) for k, v in asdict(self).items()}

@@ -10,6 +10,12 @@ one transaction.
 Outcomes are values, not exceptions: a lost race or a duplicate message is
 ``Outcome.STALE``; an unknown id is ``Outcome.NOT_FOUND``. An event the state machine
 forbids raises ``TransitionNotAllowed`` and writes nothing.
+
+Every value is stored by :mod:`orchestration.values`' rules, whoever the caller: a
+``reason`` and a ``last_error`` are cut to ``MAX_REASON_CHARS`` and escaped (NUL,
+surrogates), a ``result`` or ``payload`` is encoded (or passed as a ``StoredJson``);
+one that cannot be stored raises ResultRejected / InvalidPayload before anything is
+written.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from orchestration.db import Database
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, events_table, tasks_table, utcnow
 from orchestration.state_machine import TaskStateMachine, move_fields
+from orchestration.values import StoredJson, encode_payload, encode_result, storable_text
 
 log = get_logger("taskrail.transitions")
 
@@ -145,8 +152,13 @@ def apply_transition(
     equality conditions to the compare-and-set (None: IS NULL), ``returning`` names
     task columns to hand back in ``result.row``.
 
-    Raises TransitionNotAllowed (nothing written) and DatabaseUnavailable.
+    Raises TransitionNotAllowed, ResultRejected, InvalidPayload (nothing written) and
+    DatabaseUnavailable.
     """
+    if reason is not None:
+        reason = storable_text(reason)
+    if set_:
+        set_ = _storable(set_)
     if db.is_postgres:
         result = _apply_postgres(
             db, task_id, event, expected, agent, reason, worker, set_, guard, returning
@@ -184,9 +196,25 @@ def _values(
     return to_status, values, now
 
 
-# -- PostgreSQL: one statement on the DB-API connection --------------------------------
-
 _JSON_COLUMNS = frozenset({"payload", "result"})
+_TEXT_COLUMNS = frozenset({"last_error"})
+
+
+def _storable(set_: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``set_`` with its JSON values encoded and its free text made storable."""
+    if _JSON_COLUMNS.isdisjoint(set_) and _TEXT_COLUMNS.isdisjoint(set_):
+        return set_
+    values = dict(set_)
+    if "result" in values:
+        values["result"] = encode_result(values["result"])
+    if "payload" in values:
+        values["payload"] = encode_payload(values["payload"])
+    if values.get("last_error") is not None:
+        values["last_error"] = storable_text(values["last_error"])
+    return values
+
+
+# -- PostgreSQL: one statement on the DB-API connection --------------------------------
 
 
 _NOW: Any = object()  # a value written as the statement's now()
@@ -242,7 +270,13 @@ def _pg_statement(
     return sql, cols
 
 
+def _as_is(text: str) -> str:
+    return text
+
+
 def _pg_param(column: str, value: Any) -> Any:
+    if isinstance(value, StoredJson):
+        return Jsonb(value.text, dumps=_as_is)
     if column in _JSON_COLUMNS:
         return Jsonb(value)
     if isinstance(value, enum.Enum):
@@ -333,7 +367,7 @@ def _apply_sqlalchemy(
         )
         event_agent = agent if agent is not None else values.get("assigned_agent")
         params: dict[str, Any] = {"task_id": task_id, "from_status": from_status}
-        params.update({f"v_{k}": v for k, v in values.items()})
+        params.update({f"v_{k}": _sqlite_param(v) for k, v in values.items()})
         params.update({f"g_{k}": v for k, v in guard.items() if v is not None})
         found = conn.execute(cas, params).mappings().first()
         if found is None:
@@ -357,6 +391,15 @@ def _apply_sqlalchemy(
     )
 
 
+def _sqlite_param(value: Any) -> Any:
+    """A StoredJson's text; a number at its top as bytes, which SQLite stores as they
+    are (a JSON column's affinity would turn the text 1.0 into the integer 1)."""
+    if not isinstance(value, StoredJson):
+        return value
+    text_ = value.text
+    return text_.encode() if text_[0] in "-0123456789" else text_
+
+
 _AUDIT_COLUMNS = ("event", "from_status", "to_status", "agent", "detail", "worker", "at")
 
 
@@ -369,8 +412,9 @@ def _statements(
 ) -> tuple[Executable, Executable]:
     """The compare-and-set and the audit insert of one shape of transition, built once.
 
-    Plain SQL with typed bind parameters: building the same statement with Core on
-    every call costs more than the round trip it makes.
+    Plain SQL with typed bind parameters (JSON columns take their stored text as it
+    is): building the same statement with Core on every call costs more than the
+    round trip it makes.
     """
     t, ev = tasks_table.c, events_table.c
     sets = ", ".join([f"{c} = :v_{c}" for c in value_cols] + [f"{c} = {c} + 1" for c in increments])
@@ -383,7 +427,10 @@ def _statements(
     cas_binds = [
         bindparam("task_id", type_=t.id.type),
         bindparam("from_status", type_=t.status.type),
-        *(bindparam(f"v_{c}", type_=t[c].type) for c in value_cols),
+        *(
+            bindparam(f"v_{c}") if c in _JSON_COLUMNS else bindparam(f"v_{c}", type_=t[c].type)
+            for c in value_cols
+        ),
         *(bindparam(f"g_{c}", type_=t[c].type) for c, is_null in guard_cols if not is_null),
     ]
     insert_sql = (

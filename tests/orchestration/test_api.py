@@ -28,6 +28,7 @@ from orchestration.errors import (
     InputError,
     InvalidClientId,
     InvalidPayload,
+    InvalidTaskItem,
     NotRetryable,
     TaskNotFound,
     UnknownTaskType,
@@ -211,7 +212,8 @@ BAD_ITEMS = [
     pytest.param(NewTask("payroll", "7"), InvalidClientId, id="client-str"),  # type: ignore[arg-type]
     pytest.param(NewTask("payroll", 1, ["not", "object"]), InvalidPayload, id="payload-list"),  # type: ignore[arg-type]
     pytest.param(NewTask("payroll", 1, {"x": math.nan}), InvalidPayload, id="payload-nan"),
-    pytest.param({"task_type": "payroll"}, TypeError, id="mapping-without-client"),
+    pytest.param({"task_type": "payroll"}, InvalidTaskItem, id="mapping-without-client"),
+    pytest.param({"task_type": "payroll", "client": 1}, InvalidTaskItem, id="unknown-field"),
 ]
 
 

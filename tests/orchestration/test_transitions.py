@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -419,6 +420,136 @@ def test_event_agent_names_the_caller_when_given_else_the_tasks_agent(db: Databa
     assert task_events(db, named)[0]["agent"] == "operator"
     assert task_events(db, unnamed)[0]["agent"] == "task_agent"
     assert task_row(db, named)["assigned_agent"] == "task_agent"  # agent= does not reassign
+
+
+# -- values PostgreSQL cannot hold as they are (issue 18.2) ----------------------------
+
+# NUL (from PDFs), lone surrogates, a split surrogate pair, and the escape character.
+ODD_TEXT = "page\x00one \ud800 \udc80x \ud83d\ude00 \ue000 \ue0000000"
+
+
+def in_progress(db: Database) -> int:
+    return insert_task(db, S.IN_PROGRESS, assigned_agent="personal_tax_agent", attempts=1)
+
+
+def nothing_written(db: Database, task_id: int) -> None:
+    row = task_row(db, task_id)
+    assert (row["status"], row["result"], row["last_error"]) == (S.IN_PROGRESS, None, None)
+    assert task_events(db, task_id) == []
+
+
+def test_a_result_with_odd_text_is_stored_and_reads_back_equal(db: Database) -> None:
+    from orchestration.values import read_json
+
+    # Given a task in progress, and a result with text PostgreSQL's jsonb refuses
+    task_id = in_progress(db)
+    result = {"text": ODD_TEXT, ODD_TEXT: [ODD_TEXT, 1e20, 1.0, -(2**63), 2**64 - 1, None]}
+
+    # When it completes with that result
+    outcome = apply_transition(
+        db, task_id, "complete", expected=S.IN_PROGRESS, set_={"result": result}
+    )
+
+    # Then it is stored, and decoding the stored form gives the result back, types included
+    assert outcome.applied
+    back = read_json(task_row(db, task_id)["result"])
+    assert back == result
+    assert [type(v) for v in back[ODD_TEXT]] == [str, float, float, int, int, type(None)]
+
+
+@pytest.mark.parametrize(
+    "result", [1.0, -2.0, 1e20, 0.5, 7, "7", "\x00", True, None, [1.0], {"a": 1.0}], ids=repr
+)
+def test_any_result_keeps_its_value_and_type(db: Database, result: Any) -> None:
+    from orchestration.values import read_json
+
+    task_id = in_progress(db)
+    apply_transition(db, task_id, "complete", expected=S.IN_PROGRESS, set_={"result": result})
+    back = read_json(task_row(db, task_id)["result"])
+    assert back == result
+    assert type(back) is type(result)
+
+
+def test_a_reason_with_odd_text_is_stored_in_last_error_and_the_event(db: Database) -> None:
+    from orchestration.values import read_text
+
+    task_id = in_progress(db)
+    outcome = apply_transition(
+        db,
+        task_id,
+        "fail",
+        expected=S.IN_PROGRESS,
+        reason=ODD_TEXT,
+        set_={"last_error": ODD_TEXT},
+    )
+
+    assert outcome.applied
+    assert read_text(task_row(db, task_id)["last_error"]) == ODD_TEXT
+    assert read_text(task_events(db, task_id)[0]["detail"]) == ODD_TEXT
+
+
+def test_a_long_reason_is_capped_with_a_mark(db: Database) -> None:
+    from orchestration.constants import MAX_REASON_CHARS
+    from orchestration.values import read_text
+
+    task_id = in_progress(db)
+    reason = "\x00" + "x" * 100_000
+    apply_transition(
+        db, task_id, "escalate", expected=S.IN_PROGRESS, reason=reason, set_={"last_error": reason}
+    )
+
+    for stored in (task_row(db, task_id)["last_error"], task_events(db, task_id)[0]["detail"]):
+        text = read_text(stored)
+        assert text.startswith(reason[:MAX_REASON_CHARS])
+        assert len(text) < MAX_REASON_CHARS + 100
+        assert "100001" in text[MAX_REASON_CHARS:]
+
+
+def _deep(depth: int) -> list[Any]:
+    value: list[Any] = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("result", "words"),
+    [
+        (_deep(255), ["nested"]),
+        (_deep(100_000), ["nested"]),
+        ({"n": [2**64]}, ["$.n[0]", "64-bit"]),
+        ({"n": {1: 2}}, ["$.n", "key"]),
+        ({"n": math.inf}, ["$.n"]),
+        ({"n": object()}, ["$.n", "object"]),
+        ("x" * (1024 * 1024), ["bytes"]),
+    ],
+    ids=["deep", "very-deep", "int-2-64", "int-key", "inf", "object", "too-large"],
+)
+def test_a_result_that_cannot_be_stored_is_refused_and_nothing_written(
+    db: Database, result: Any, words: list[str]
+) -> None:
+    from orchestration.errors import ResultRejected
+
+    task_id = in_progress(db)
+    with pytest.raises(ResultRejected) as info:
+        apply_transition(db, task_id, "complete", expected=S.IN_PROGRESS, set_={"result": result})
+
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    assert isinstance(info.value, ValueError)
+    nothing_written(db, task_id)
+
+
+def test_an_encoded_result_is_stored_as_it_is(db: Database) -> None:
+    from orchestration.agents import ensure_json
+    from orchestration.values import read_json
+
+    task_id = in_progress(db)
+    result = {"t": ODD_TEXT, "f": 3e21}
+    apply_transition(
+        db, task_id, "complete", expected=S.IN_PROGRESS, set_={"result": ensure_json(result)}
+    )
+    assert read_json(task_row(db, task_id)["result"]) == result
 
 
 # -- races on real PostgreSQL -----------------------------------------------------------
