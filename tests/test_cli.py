@@ -36,7 +36,8 @@ ID = "<seeded id>"  # stands for the id of the task a case's seed created
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRAIL_")}
-    env.update(TASKRAIL_AGENTS=AGENTS, PYTHONPATH=str(REPO), COLUMNS="200", **extra)
+    env.update(TASKRAIL_AGENTS=AGENTS, PYTHONPATH=str(REPO), COLUMNS="200")
+    env.update(extra)
     return env
 
 
@@ -132,6 +133,15 @@ def seed_pending(cwd: Path) -> dict[str, Any]:
     return {"id": task_id}
 
 
+CWD = "<cwd>"  # stands for the case's own directory in an environment value
+CWD_PATH = f"{REPO}{os.pathsep}{CWD}"
+
+
+def _write(path: Path, text: str) -> dict[str, Any]:
+    path.write_text(text)
+    return {}
+
+
 @dataclass
 class Case:
     args: list[str]
@@ -161,6 +171,39 @@ CASES: dict[str, Case] = {
     "db_unreachable": Case(
         ["submit", "payroll", "--client", "1"], env={"TASKRAIL_DATABASE_URL": UNREACHABLE_DB}
     ),
+    # issue 19.3: one line, never a traceback
+    "retry_json": Case(["retry", ID, "--json"], seed_failed),
+    "show_id_too_big": Case(["show", "9223372036854775808"]),
+    "show_id_non_ascii": Case(["show", "\u0661\u0662"]),
+    "retry_id_negative": Case(["retry", "--", "-1"]),
+    "client_too_big": Case(["submit", "payroll", "--client", "99999999999999999999"]),
+    "client_underscore": Case(["submit", "payroll", "--client", "1_000"]),
+    "client_non_ascii": Case(["submit", "payroll", "--client", "\u0664\u0662"]),
+    "client_markup_nul": Case(["submit", "payroll", "--client", "[red]4\x012[/]"]),
+    "db_not_a_url": Case(["show", "1"], env={"TASKRAIL_DATABASE_URL": "notaurl"}),
+    "db_mysql": Case(
+        ["show", "1"], env={"TASKRAIL_DATABASE_URL": "mysql://bob:s3cret@127.0.0.1/x"}
+    ),
+    "db_bad_port": Case(
+        ["show", "1"], env={"TASKRAIL_DATABASE_URL": "postgresql://bob:s3cret@127.0.0.1:99999/x"}
+    ),
+    "setting_not_a_number": Case(["show", "1"], env={"TASKRAIL_METRICS_PORT": "s3cret"}),
+    "agent_syntax_error": Case(
+        ["submit", "payroll", "--client", "1"],
+        seed=lambda cwd: _write(cwd / "broken_syntax_agent.py", "def handler(:\n"),
+        env={"TASKRAIL_AGENTS": "demo_agents,broken_syntax_agent", "PYTHONPATH": CWD_PATH},
+    ),
+    "agent_raises_on_import": Case(
+        ["submit", "payroll", "--client", "1"],
+        seed=lambda cwd: _write(
+            cwd / "raising_agent.py", "raise RuntimeError('no config at redis://:s3cret@h')\n"
+        ),
+        env={"TASKRAIL_AGENTS": "demo_agents,raising_agent", "PYTHONPATH": CWD_PATH},
+    ),
+    "broker_query_password_down": Case(
+        ["submit", "payroll", "--client", "1"],
+        env={"TASKRAIL_BROKER_URL": "redis://127.0.0.1:1/0?password=s3cret"},
+    ),
 }
 
 
@@ -187,7 +230,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         cwd = tmp_path_factory.mktemp(name)
         seeded = case.seed(cwd) if case.seed else {}
         args = [str(seeded["id"]) if a == ID else a for a in case.args]
-        prepared[name] = (cwd, seeded, args, cli_env(**case.env))
+        env = {k: v.replace(CWD, str(cwd)) for k, v in case.env.items()}
+        prepared[name] = (cwd, seeded, args, cli_env(**env))
 
     def run(name: str) -> tuple[str, Run]:
         cwd, seeded, args, env = prepared[name]
@@ -392,3 +436,108 @@ def test_unreachable_database_is_one_line_without_the_password(runs: dict[str, R
 def test_every_case_ran_without_a_python_warning_on_stderr(runs: dict[str, Run]) -> None:
     for name, run in runs.items():
         assert "Warning" not in run.err, (name, run.err)
+
+
+# -- issue 19.3: every failure is one line, never a traceback -----------------------------
+
+
+def assert_one_line(run: Run, code: int, *needles: str, secret: str = "s3cret") -> None:
+    """Exit ``code``, one ``error:`` line on stderr naming ``needles``, nothing on stdout."""
+    assert run.proc.returncode == code, run.err
+    assert run.out == ""
+    lines = run.err.strip().splitlines()
+    assert len(lines) == 1, run.err
+    assert lines[0].startswith("error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in run.err
+    assert secret not in run.err
+
+
+def test_retry_json(runs: dict[str, Run]) -> None:
+    run = runs["retry_json"]
+
+    assert run.proc.returncode == 0, run.err
+    assert json.loads(run.out) == {"id": run.seeded["id"], "status": "pending"}
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("show_id_too_big", "'9223372036854775808'"),
+        ("show_id_non_ascii", "'\u0661\u0662'"),
+        ("retry_id_negative", "'-1'"),
+    ],
+)
+def test_task_ids_are_ascii_digits_in_range(runs: dict[str, Run], name: str, shown: str) -> None:
+    assert_one_line(
+        runs[name], 2, "task id must be an integer from 0 to 9223372036854775807", shown
+    )
+    assert task_rows(runs[name].cwd) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "shown"),
+    [
+        ("client_too_big", "'99999999999999999999'"),
+        ("client_underscore", "'1_000'"),
+        ("client_non_ascii", "'\u0664\u0662'"),
+        ("client_markup_nul", "'[red]4\\x012[/]'"),
+    ],
+)
+def test_client_ids_are_ascii_digits_in_range(runs: dict[str, Run], name: str, shown: str) -> None:
+    assert_one_line(runs[name], 2, "client id must be an integer", shown)
+    assert task_rows(runs[name].cwd) == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "needles"),
+    [
+        ("db_not_a_url", ("TASKRAIL_DATABASE_URL", "not a URL")),
+        ("db_mysql", ("TASKRAIL_DATABASE_URL", "unsupported database 'mysql'")),
+        ("db_bad_port", ("TASKRAIL_DATABASE_URL", "port")),
+        ("setting_not_a_number", ("TASKRAIL_METRICS_PORT", "integer")),
+    ],
+)
+def test_bad_settings_are_one_line_naming_the_variable(
+    runs: dict[str, Run], name: str, needles: tuple[str, ...]
+) -> None:
+    assert_one_line(runs[name], 2, "invalid setting", *needles)
+    assert not db_path(runs[name].cwd).exists()
+
+
+@pytest.mark.parametrize("name", ["agent_syntax_error", "agent_raises_on_import"])
+def test_an_agent_module_that_cannot_load_is_one_line(runs: dict[str, Run], name: str) -> None:
+    run = runs[name]
+    assert_one_line(run, 2, "_agent")
+    assert task_rows(run.cwd) == 0
+
+
+def test_a_broker_down_with_its_password_in_the_query_is_masked(runs: dict[str, Run]) -> None:
+    # kombu raised TypeError for ?password= (it read the password twice); now the task is
+    # recorded and the warning names the broker with the password masked
+    run = runs["broker_query_password_down"]
+
+    assert "Traceback" not in run.err
+    assert "s3cret" not in run.out + run.err
+    assert "redis://:***@127.0.0.1:1/0" in run.err
+    assert len(run.err.strip().splitlines()) == 1, run.err
+
+
+def test_two_embedded_databases_never_share_a_queue(tmp_path: Path) -> None:
+    # Given two embedded deployments in one directory, each with its own SQLite file
+    urls = {name: f"sqlite:///{tmp_path / name}.db" for name in ("a", "b")}
+    for url in urls.values():
+        assert (
+            run_cli(["db", "upgrade"], cli_env(TASKRAIL_DATABASE_URL=url), tmp_path).returncode == 0
+        )
+    # When each submits a task
+    for url in urls.values():
+        done = run_cli(
+            ["submit", "payroll", "--client", "1"], cli_env(TASKRAIL_DATABASE_URL=url), tmp_path
+        )
+        assert done.returncode == 0, done.stderr
+    # Then each message waits beside its own database, none in the shared default folder
+    for name in urls:
+        assert len(list((tmp_path / f"{name}.db.broker" / "queue").glob("*.msg"))) == 1, name
+    assert not (tmp_path / ".taskrail" / "broker").exists()
