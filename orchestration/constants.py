@@ -37,6 +37,9 @@ DEFAULT_PREFETCH_MULTIPLIER = 16
 # Longer than the longest handler: a message unacked for this long is redelivered.
 DEFAULT_VISIBILITY_TIMEOUT_S = 2 * 3600
 MAX_MESSAGE_BYTES = 256 * 1024
+# How often a worker looks for messages left unacknowledged past the visibility timeout
+# (a dead worker's), to put them back on their queue.
+UNACKED_RESTORE_INTERVAL_S = 10
 
 # What a task may hold (orchestration.values). Sizes are of the JSON text as stored.
 MAX_PAYLOAD_BYTES = 256 * 1024

@@ -60,6 +60,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         transport_options = {"visibility_timeout": settings.visibility_timeout_s}
         if settings.effective_broker_url.startswith("redis"):
             transport_options.update(redis_transport_options(settings))
+            # Messages a dead worker held come back soon after the visibility timeout:
+            # kombu looks for them every interval x throttle seconds (100 s by default).
+            transport_options.update(
+                unacked_restore_throttle=1,
+                unacked_restore_interval=min(
+                    c.UNACKED_RESTORE_INTERVAL_S, max(1, settings.visibility_timeout_s // 4)
+                ),
+            )
         if settings.broker_key_prefix and settings.effective_broker_url.startswith("redis"):
             transport_options["global_keyprefix"] = settings.broker_key_prefix
     url = settings.effective_broker_url

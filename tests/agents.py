@@ -151,3 +151,33 @@ def overrun(task: TaskView) -> dict[str, Any]:
     _pid_counter().incr(key(f"calls:{task.id}"))
     time.sleep(float(task.payload.get("sleep_s", 5)))
     return {"overran": False}
+
+
+@agent("exit_agent", task_types=["exit"])
+def exits(task: TaskView) -> dict[str, Any]:
+    """A poison task on a threads executor: ``os._exit(1)``, every time (counts ``calls:<id>``)."""
+    _pid_counter().incr(key(f"calls:{task.id}"))
+    os._exit(1)
+
+
+@agent("hang_agent", task_types=["hang"], time_limit_s=2, max_attempts=2)
+def hang(task: TaskView) -> dict[str, Any]:
+    """Hangs past its 2 s time limit (``sleep_s``, default 30); counts starts and finishes."""
+    counter = _pid_counter()
+    counter.incr(key(f"calls:{task.id}"))
+    time.sleep(float(task.payload.get("sleep_s", 30)))
+    counter.incr(key(f"finished:{task.id}"))
+    return {"late": True}
+
+
+@agent(
+    "svc_trial_agent",
+    task_types=["svc_trial"],
+    fail_max=1,
+    reset_timeout_s=1,
+    max_attempts=2,
+    max_deferral_s=60,
+)
+def svc_trial(task: TaskView) -> dict[str, Any]:
+    """A one-failure breaker in front of a service that is down while ``trial:down`` is 1."""
+    return _service_call(task, "trial:down")
