@@ -219,13 +219,19 @@ def agent(
 def load_agent_modules(modules: Iterable[str]) -> None:
     """Import each module so that its ``@agent`` decorators register.
 
-    Raises ConfigurationError naming a module that cannot be imported.
+    Raises ConfigurationError naming a module that cannot be imported: missing, a syntax
+    error, or any exception its code raises while it is imported.
     """
     for module in modules:
         try:
             importlib.import_module(module)
-        except ImportError as err:
-            raise ConfigurationError(f"cannot import agent module {module!r}: {err}") from err
+        except ConfigurationError as err:  # an @agent registration that cannot work
+            raise ConfigurationError(f"agent module {module!r}: {err}") from err
+        except Exception as err:  # SyntaxError, ImportError, whatever its code raised
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ConfigurationError(
+                f"cannot import agent module {module!r}: {type(err).__name__}: {detail}"
+            ) from err
 
 
 def ensure_json(value: Any, what: str = "result") -> StoredJson:

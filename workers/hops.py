@@ -106,9 +106,18 @@ def assign(self: Task, *args: Any, **kwargs: Any) -> None:
         try:
             spec = choose_agent(rt, registry.for_task_type(task_type))
         except UnknownTaskType as err:
-            # This worker lacks the agent module; leave the task for one that has it.
-            log.error("no_agent_for_task_type", task_type=task_type, error=str(err))
-            return
+            # This worker lacks the agent module: put the hop back on the queue for a
+            # worker that has it (dropping it would leave the task pending for good).
+            # The jitter keeps the retry from landing in step with this worker's own
+            # wait on the queue, cycle after cycle.
+            delay = c.NO_AGENT_RETRY_COUNTDOWN_S * random.uniform(0.5, 1.5)
+            log.warning(
+                "no_agent_for_task_type",
+                task_type=task_type,
+                error=str(err),
+                countdown_s=round(delay, 2),
+            )
+            raise self.retry(countdown=delay) from None
         result = apply_transition(
             rt.db,
             task_id,

@@ -21,8 +21,8 @@ from orchestration.agents import AgentSpec, Escalate, PermanentError, load_agent
 from orchestration.breakers import BreakerBoard, SharedBreaker
 from orchestration.db import ConnectionTimeouts, Database
 from orchestration.dispatch import Dispatcher
-from orchestration.leases import LeaseKeeper
 from orchestration.errors import TaskrailError
+from orchestration.leases import LeaseKeeper
 from orchestration.logging import get_logger
 from orchestration.redact import redact_text
 from orchestration.settings import Settings, get_settings
