@@ -73,6 +73,12 @@ class TaskView:
     payload: Mapping[str, Any]
     attempt: int
 
+    @property
+    def idempotency_key(self) -> str:
+        """The same for every run of this attempt (a re-run after a crash or a network
+        cut): pass it to outside services so that they can drop the repeat."""
+        return f"taskrail-{self.id}-{self.attempt}"
+
     @classmethod
     def build(
         cls, id: int, client_id: int, task_type: str, payload: Mapping[str, Any], attempt: int
@@ -107,10 +113,6 @@ class AgentSpec:
     @property
     def breaker_name(self) -> str:
         return f"agent:{self.name}"
-
-    def time_limits(self) -> dict[str, float]:
-        """Celery options that stop a handler running past ``time_limit_s``."""
-        return {"soft_time_limit": self.time_limit_s, "time_limit": self.time_limit_s + 10}
 
 
 class AgentRegistry:

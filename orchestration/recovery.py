@@ -40,7 +40,6 @@ from sqlalchemy import Executable, bindparam, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from orchestration import constants as c
-from orchestration.agents import registry
 from orchestration.db import Database
 from orchestration.dispatch import Dispatcher
 from orchestration.logging import get_logger
@@ -206,11 +205,7 @@ def sweep(
         skip_preclaimed=skip_preclaimed,
     )
     for redrive in redrives:
-        options: dict[str, Any] = {}
-        if redrive.hop == c.HOP_EXECUTE and redrive.agent:
-            spec = registry.find(redrive.agent)
-            options = spec.time_limits() if spec else {}
-        dispatcher.send(redrive.hop, redrive.args, **options)
+        dispatcher.send(redrive.hop, redrive.args)
         log.info(
             "task_redriven",
             task_id=redrive.task_id,

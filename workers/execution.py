@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import structlog
 
 from orchestration import constants as c
-from orchestration import leases, metrics
+from orchestration import leases, metrics, values
 from orchestration.agents import (
     AgentSpec,
     Escalate,
@@ -214,6 +214,8 @@ def run_claimed(
         )
         return
     try:
+        # The producer's own rules: a row that breaks them was never accepted by them.
+        values.check_task_row(claimed.client_id, claimed.task_type, claimed.payload)
         view = TaskView.build(
             claimed.task_id, claimed.client_id, claimed.task_type, claimed.payload, claimed.attempt
         )
