@@ -206,8 +206,10 @@ def _categories_sql(limits: Mapping[str, float]) -> Any:
         binds += [bindparam(f"agent_{i}", type_=t.assigned_agent.type)]
         binds += [bindparam(f"limit_{i}", type_=when)]
     # In the order of the SELECT: a textual query's columns are matched by position.
-    names = ("stuck", "stuck_oldest", "preclaimed", "over", "over_oldest", "deferred")
-    names += ("deferred_oldest", "deferred_since")
+    names = (
+        *("stuck", "stuck_oldest", "preclaimed", "over", "over_oldest", "deferred"),
+        *("deferred_oldest", "deferred_since"),
+    )
     columns: list[ColumnClause[Any]] = [
         column(name, UTCDateTime() if "oldest" in name or "since" in name else Integer())
         for name in names
