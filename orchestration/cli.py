@@ -173,11 +173,15 @@ def show(
 @app.command()
 @command
 def status(as_json: JsonFlag = False) -> None:
-    """One screen: tasks by state, throughput over the last minutes, stuck tasks."""
+    """One screen: tasks by state, throughput, tasks not moving and why, the sweeper."""
     from orchestration.status import status_report
 
     trail = _client()
-    report = status_report(trail.db, redrive_after_s=trail.settings.redrive_after_s)
+    report = status_report(
+        trail.db,
+        redrive_after_s=trail.settings.redrive_after_s,
+        sweep_interval_s=trail.settings.sweep_interval_s,
+    )
     doc = report.to_dict()
     from orchestration.errors import InfrastructureError
 
