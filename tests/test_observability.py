@@ -433,8 +433,8 @@ def test_status_screen_and_json_show_each_category(
     from orchestration.cli import app
     from orchestration.recovery import record_sweep
 
-    # Given the embedded database with tasks of each kind and a sweeper 60 s late
-    monkeypatch.setenv("TASKRAIL_SWEEP_INTERVAL_S", "5")
+    # Given the embedded database with tasks of each kind and a sweeper 60 s late (every 4 s)
+    monkeypatch.setenv("TASKRAIL_SWEEP_INTERVAL_S", "4")
     db = api.client().db
     _seed_not_moving(db)
     record_sweep(db, redriven=2, duration_s=0.5, at=utcnow() - timedelta(seconds=60))
@@ -449,7 +449,7 @@ def test_status_screen_and_json_show_each_category(
     assert "1 of them pre-claimed" in text
     assert "over time limit: 2 tasks" in text  # gone_agent: the default 300 s limit
     assert "deferred: 2 tasks waiting on an open breaker or a retry backoff" in text
-    assert "sweeper: last ran 60 s ago (every 5 s), re-drove 2 in 0.5 s; late" in text
+    assert "sweeper: last ran 60 s ago (every 4 s), re-drove 2 in 0.5 s; late" in text
     # and --json carries the same
     assert doc["stuck"]["count"] == 3 and doc["deferred"]["count"] == 2
     assert doc["over_time_limit"]["count"] == 2
