@@ -434,7 +434,11 @@ def test_status_screen_and_json_show_each_category(
     from orchestration.recovery import record_sweep
 
     # Given the embedded database with tasks of each kind and a sweeper 60 s late (every 4 s)
+    from orchestration.settings import get_settings
+
     monkeypatch.setenv("TASKRAIL_SWEEP_INTERVAL_S", "4")
+    get_settings.cache_clear()
+    api.reset_client()
     db = api.client().db
     _seed_not_moving(db)
     record_sweep(db, redriven=2, duration_s=0.5, at=utcnow() - timedelta(seconds=60))
