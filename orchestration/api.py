@@ -292,9 +292,7 @@ class Taskrail:
             row.update(status=TaskStatus.PENDING, attempts=0, created_at=now, updated_at=now)
             row["payload_text"] = row.pop("payload")
         keyed = [row for row in rows if row["idempotency_key"] is not None]
-        insert = sqlite.insert(tasks_table).values(
-            payload=bindparam("payload_text", type_=Text())
-        )
+        insert = sqlite.insert(tasks_table).values(payload=bindparam("payload_text", type_=Text()))
         with self.db.begin() as conn:
             if not keyed:
                 stmt = insert.returning(tasks_table.c.id, sort_by_parameter_order=True)

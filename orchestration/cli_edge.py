@@ -87,7 +87,8 @@ def exit_code(exc: TaskrailError) -> int:
     return 2 if isinstance(exc, InputError | ConfigurationError) else 1
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Surrogates too (text from PDFs may hold them): no terminal encoding can print them.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def one_line(text: str) -> str:

@@ -30,7 +30,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import orjson
 
@@ -107,6 +107,14 @@ def _storable_as_is(text: str) -> bool:
 
 def _unescape_char(match: re.Match[str]) -> str:
     return chr(int(match.group(1), 16))
+
+
+@overload
+def read_text(text: str) -> str: ...
+
+
+@overload
+def read_text(text: None) -> None: ...
 
 
 def read_text(text: str | None) -> str | None:

@@ -263,7 +263,7 @@ def test_submit_prints_the_id_of_a_new_pending_task(runs: dict[str, Run]) -> Non
     task_id = int(run.out.strip())
     assert query(
         run.cwd, "SELECT id, task_type, client_id, status, payload, idempotency_key FROM tasks"
-    ) == [(task_id, "personal_tax", 42, "pending", '{"year": 2025}', "k-42")]
+    ) == [(task_id, "personal_tax", 42, "pending", '{"year":2025}', "k-42")]
     assert broker_messages(run.cwd) == 1
 
 

@@ -180,9 +180,7 @@ def test_results_and_reasons_with_nul_and_surrogates_read_back_equal(pg_api: Set
     reason = "could not parse\x00 the PDF \ud800 \ue000"
 
     # When one completes with that result and the other fails with that reason
-    apply_transition(
-        db, done, "complete", expected=TaskStatus.IN_PROGRESS, set_={"result": result}
-    )
+    apply_transition(db, done, "complete", expected=TaskStatus.IN_PROGRESS, set_={"result": result})
     apply_transition(
         db,
         failed,
@@ -226,9 +224,7 @@ def test_task_ids_outside_the_column_are_not_found(
     assert event_count() == 0
 
 
-@pytest.mark.parametrize(
-    "key", ["k\x00", "k\ud800", "\udc80", "x" * 256, "", 5, b"key"], ids=repr
-)
+@pytest.mark.parametrize("key", ["k\x00", "k\ud800", "\udc80", "x" * 256, "", 5, b"key"], ids=repr)
 def test_bad_idempotency_keys_are_refused(pg_api: Settings, key: Any) -> None:
     err = assert_refused(InvalidPayload, "payroll", 1, {"a": 1}, idempotency_key=key)
     assert "idempotency key" in str(err)
@@ -451,9 +447,11 @@ def test_any_batch_is_refused_whole_or_reads_back_equal(
     assert len(ids) == len(items)
     for task_id, item in zip(ids, items, strict=True):
         row = api.get(task_id)
-        if item.get("idempotency_key") is not None and row.idempotency_key == item.get(
-            "idempotency_key"
-        ) and row.payload != (item.get("payload") or {}):
+        if (
+            item.get("idempotency_key") is not None
+            and row.idempotency_key == item.get("idempotency_key")
+            and row.payload != (item.get("payload") or {})
+        ):
             continue  # the key's first task (in this batch or an earlier example)
         assert row.payload == (item.get("payload") if item.get("payload") is not None else {})
         worker_accepts(task_id)

@@ -16,10 +16,14 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, insert, select
 from statemachine.exceptions import TransitionNotAllowed
 
+from orchestration.agents import ensure_json
+from orchestration.constants import MAX_REASON_CHARS
 from orchestration.db import Database
+from orchestration.errors import ResultRejected
 from orchestration.models import Base, TaskStatus, events_table, tasks_table, utcnow
 from orchestration.state_machine import TaskStateMachine
 from orchestration.transitions import Outcome, apply_transition
+from orchestration.values import read_json, read_text
 
 S = TaskStatus
 
@@ -439,8 +443,6 @@ def nothing_written(db: Database, task_id: int) -> None:
 
 
 def test_a_result_with_odd_text_is_stored_and_reads_back_equal(db: Database) -> None:
-    from orchestration.values import read_json
-
     # Given a task in progress, and a result with text PostgreSQL's jsonb refuses
     task_id = in_progress(db)
     result = {"text": ODD_TEXT, ODD_TEXT: [ODD_TEXT, 1e20, 1.0, -(2**63), 2**64 - 1, None]}
@@ -461,8 +463,6 @@ def test_a_result_with_odd_text_is_stored_and_reads_back_equal(db: Database) -> 
     "result", [1.0, -2.0, 1e20, 0.5, 7, "7", "\x00", True, None, [1.0], {"a": 1.0}], ids=repr
 )
 def test_any_result_keeps_its_value_and_type(db: Database, result: Any) -> None:
-    from orchestration.values import read_json
-
     task_id = in_progress(db)
     apply_transition(db, task_id, "complete", expected=S.IN_PROGRESS, set_={"result": result})
     back = read_json(task_row(db, task_id)["result"])
@@ -471,8 +471,6 @@ def test_any_result_keeps_its_value_and_type(db: Database, result: Any) -> None:
 
 
 def test_a_reason_with_odd_text_is_stored_in_last_error_and_the_event(db: Database) -> None:
-    from orchestration.values import read_text
-
     task_id = in_progress(db)
     outcome = apply_transition(
         db,
@@ -489,9 +487,6 @@ def test_a_reason_with_odd_text_is_stored_in_last_error_and_the_event(db: Databa
 
 
 def test_a_long_reason_is_capped_with_a_mark(db: Database) -> None:
-    from orchestration.constants import MAX_REASON_CHARS
-    from orchestration.values import read_text
-
     task_id = in_progress(db)
     reason = "\x00" + "x" * 100_000
     apply_transition(
@@ -528,8 +523,6 @@ def _deep(depth: int) -> list[Any]:
 def test_a_result_that_cannot_be_stored_is_refused_and_nothing_written(
     db: Database, result: Any, words: list[str]
 ) -> None:
-    from orchestration.errors import ResultRejected
-
     task_id = in_progress(db)
     with pytest.raises(ResultRejected) as info:
         apply_transition(db, task_id, "complete", expected=S.IN_PROGRESS, set_={"result": result})
@@ -541,9 +534,6 @@ def test_a_result_that_cannot_be_stored_is_refused_and_nothing_written(
 
 
 def test_an_encoded_result_is_stored_as_it_is(db: Database) -> None:
-    from orchestration.agents import ensure_json
-    from orchestration.values import read_json
-
     task_id = in_progress(db)
     result = {"t": ODD_TEXT, "f": 3e21}
     apply_transition(
