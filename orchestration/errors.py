@@ -11,7 +11,8 @@
     │   ├── ResultRejected         a handler's result taskrail cannot store (the reason says why)
     │   ├── InvalidClientId        client id missing, not an integer, or outside 0 .. 2**63-1
     │   ├── TaskNotFound           no task with that id
-    │   └── NotRetryable           retry of a task that is not failed
+    │   ├── NotRetryable           retry of a task that is not failed
+    │   └── NotAHop                bytes on a taskrail queue that are not a valid hop
     ├── InfrastructureError        a server taskrail needs is down or not ready
     │   ├── DatabaseUnavailable    the database cannot be reached
     │   ├── SchemaNotReady         the database has no (current) taskrail schema
@@ -111,6 +112,14 @@ class NotRetryable(InputError):
         self.task_id = task_id
         self.status = status
         super().__init__(f"task {task_id} is {status}; only failed tasks can be retried")
+
+
+class NotAHop(InputError):
+    """A message on a taskrail queue that is not a valid hop: kept as a dead letter."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"not a valid hop message: {reason}")
 
 
 class InfrastructureError(TaskrailError):

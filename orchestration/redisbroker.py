@@ -28,6 +28,11 @@ things differ, each measured on the hop path (docs/performance.md):
   commit and its send: the sweeper re-drives the tasks. Other threads and processes
   push at once.
 
+Bytes on a queue that are not a kombu envelope (not JSON, not an object with a
+delivery tag, a body that is not base64, ...) are kept as dead letters
+(:mod:`orchestration.deadletters`) and the worker goes on; kombu's own transport
+raises out of its event loop on them, which stops the worker.
+
 Select it with Celery's ``broker_transport`` (``orchestration.dispatch`` does for
 ``redis://`` and ``rediss://`` URLs).
 """
@@ -42,6 +47,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
+from queue import Empty
 from typing import Any
 
 import orjson
@@ -52,6 +58,8 @@ from kombu.utils.encoding import bytes_to_str
 
 from orchestration import constants as c
 from orchestration.codec import loads
+from orchestration.deadletters import RedisDeadLetters, dead_letter, decode_envelope
+from orchestration.errors import NotAHop
 from orchestration.logging import get_logger
 
 log = get_logger("taskrail.broker")
@@ -288,17 +296,48 @@ class Channel(kombu_redis.Channel):
 
     def _brpop_read(self, **options: Any) -> Any:
         """kombu's BRPOP read, then the rest of the fetched batch, then its acks."""
-        if self._reading:  # re-entered (a channel closing mid-batch): plain kombu
-            return super()._brpop_read(**options)
+        if self._reading:  # re-entered (a channel closing mid-batch): no batch
+            return self._brpop_deliver(**options)
         self._reading = True
         try:
-            delivered = super()._brpop_read(**options)
+            delivered = self._brpop_deliver(**options)
             self._reading = False
             self._deliver_fetched()
             return delivered
         finally:
             self._reading = False
             self._brpop_message = None
+
+    def _brpop_deliver(self, **options: Any) -> bool:
+        """kombu's ``_brpop_read``, with bytes that are not an envelope dead-lettered.
+
+        kombu decodes the popped bytes in the middle of its read, where a decode error
+        escapes the event loop and stops the worker ("Unrecoverable error").
+        """
+        try:
+            try:
+                dest_item = self.client.parse_response(self.client.connection, "BRPOP", **options)
+            except self.connection_errors:
+                # Disconnect, so that the next turn of the loop reconnects.
+                self.client.connection.disconnect()
+                raise
+            if not dest_item:
+                raise Empty()
+            dest, item = dest_item
+            queue = bytes_to_str(dest).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(queue)
+            try:
+                payload = decode_envelope(item)
+            except NotAHop as err:
+                self._dead_letter(queue, err.reason, item)
+                return True
+            self.connection._deliver(payload, queue)
+            return True
+        finally:
+            self._in_poll = False  # no BRPOP in flight (kombu writes None)
+            flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.6
+            if flush_reauth is not None:
+                flush_reauth()
 
     def _fetch_more(self, once: str) -> int:
         """Record the BRPOP'd message as unacked and pop (and record) more, in one call.
@@ -339,9 +378,11 @@ class Channel(kombu_redis.Channel):
         while self._fetched:
             queue, item, flag = self._fetched.pop(0)
             try:
-                payload = loads(bytes_to_str(item))
-            except (TypeError, ValueError):
-                log.warning("broker_message_dropped", queue=queue, reason="not JSON")
+                payload = decode_envelope(item)
+            except NotAHop as err:
+                if flag == 1:
+                    self._unrecord(item)
+                self._dead_letter(queue, err.reason, item)
                 continue
             if flag == 2:
                 log.info(
@@ -361,6 +402,25 @@ class Channel(kombu_redis.Channel):
             except BaseException:
                 self._requeue_fetched()
                 raise
+
+    # -- dead letters ------------------------------------------------------------------
+
+    def dead_letters(self) -> RedisDeadLetters:
+        """This broker's dead-letter list (on the channel's own connections)."""
+        return RedisDeadLetters(self._raw(), self._key(c.DEAD_LETTER_KEY))
+
+    def _dead_letter(self, queue: str, reason: str, item: bytes) -> None:
+        dead_letter(self.dead_letters(), queue, reason, item)
+
+    def _unrecord(self, item: bytes) -> None:
+        """Forget a message the fetch script recorded as unacknowledged (it has a tag)."""
+        with contextlib.suppress(Exception):
+            tag = orjson.loads(item)["properties"]["delivery_tag"]
+            self._prerecorded.discard(tag)
+            with self._raw().pipeline(transaction=False) as pipe:
+                pipe.zrem(self._key(self.unacked_index_key), tag)
+                pipe.hdel(self._key(self.unacked_key), tag)
+                pipe.execute()
 
     def _requeue_fetched(self) -> None:
         """Give back what was fetched but not delivered (a consumer raised)."""
