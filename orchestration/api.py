@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields
 from typing import Any, NamedTuple
 
 import orjson
-from psycopg.errors import TransactionRollback
+import psycopg
 from sqlalchemy import Text, bindparam, func, select
 from sqlalchemy.dialects import sqlite
 
@@ -61,6 +61,8 @@ from orchestration.values import (
 log = get_logger("taskrail.api")
 
 MAX_KEY_LENGTH = c.MAX_IDEMPOTENCY_KEY_CHARS
+# serialization_failure, deadlock_detected: the transaction lost a conflict; try again.
+_CONFLICT_STATES = frozenset({"40001", "40P01"})
 # Task ids are BIGINT: an id outside 1 .. 2**63-1 names no task.
 _MAX_TASK_ID = 2**63 - 1
 
@@ -272,7 +274,9 @@ class Taskrail:
                     with conn.transaction():
                         created, existing = _insert_batch(conn, batch)
                     break
-                except TransactionRollback as err:
+                except psycopg.Error as err:
+                    if err.sqlstate not in _CONFLICT_STATES:
+                        raise
                     if attempt == c.DB_CONFLICT_ATTEMPTS:
                         detail = str(err).splitlines()[0] if str(err) else ""
                         raise WriteConflict(self.db.where, attempt, detail) from None

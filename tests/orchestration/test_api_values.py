@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import func, select
+from structlog.testing import capture_logs
 
 from orchestration import api
 from orchestration.agents import TaskView
@@ -509,3 +512,53 @@ def test_batches_with_overlapping_keys_in_opposite_orders_do_not_deadlock(
         assert mine == theirs
         assert all(api.get(i).payload == {"key": k} for k, i in list(mine.items())[:3])
     assert row_count() == rounds * KEYS_PER_BATCH
+
+
+def test_a_batch_that_loses_a_deadlock_is_tried_again(pg_api: Settings, pg_url: str) -> None:
+    # Given another transaction that holds key "dl-b" and will wait for "dl-a" (and is
+    # never the one PostgreSQL picks to break the deadlock: its check comes 10 s late)
+    other = psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=False)
+    other.execute("SET deadlock_timeout = '10s'")
+    insert = (
+        "INSERT INTO tasks (client_id, task_type, status, payload, attempts, idempotency_key,"
+        " created_at, updated_at) VALUES (9, 'payroll', 'pending', '{}', 0, %s, now(), now())"
+    )
+    other.execute(insert, ("dl-b",))
+    result: list[Any] = []
+
+    def submit() -> None:
+        try:
+            keys = ["dl-a", "dl-b"]
+            result.append(api.submit_many([NewTask("payroll", 1, idempotency_key=k) for k in keys]))
+        except BaseException as err:
+            result.append(err)
+
+    # When a batch with both keys takes "dl-a" and waits for "dl-b"
+    producer = threading.Thread(target=submit)
+    with capture_logs() as logs:
+        producer.start()
+        _wait_for_a_lock_wait(pg_url)
+        other.execute(insert, ("dl-a",))  # waits for the batch: a deadlock, the batch loses
+        other.rollback()
+        other.close()
+        producer.join(30)
+
+    # Then the batch was tried again and went through, and nobody heard of an outage
+    assert len(result) == 1 and isinstance(result[0], list), result
+    assert [api.get(i).idempotency_key for i in result[0]] == ["dl-a", "dl-b"]
+    assert row_count() == 2
+    assert [e["attempt"] for e in logs if e["event"] == "submit_conflict_retry"] == [1]
+
+
+def _wait_for_a_lock_wait(pg_url: str, timeout_s: float = 10) -> None:
+    with psycopg.connect(pg_url.replace("+psycopg", ""), autocommit=True) as probe:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            waiting = probe.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            ).fetchone()
+            if waiting and waiting[0]:
+                return
+            time.sleep(0.02)
+    raise AssertionError("the batch never waited for the other transaction's key")
