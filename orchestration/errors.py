@@ -5,6 +5,7 @@
     TaskrailError
     ├── InputError                 bad input from a producer or operator; nothing was written
     │   ├── UnknownTaskType        no agent handles the task type (lists the known ones)
+    │   │   └── InvalidTaskType    not a string of 1 to 64 characters a column can hold
     │   ├── InvalidPayload         payload is not a JSON object / not JSON-serialisable
     │   │   └── InvalidIdempotencyKey  not a string of 1-255 characters taskrail can store
     │   ├── InvalidTaskItem        an item of submit_many that is not a task (names its index)
@@ -64,6 +65,19 @@ class UnknownTaskType(InputError):
         self.known = sorted(known)
         listed = ", ".join(self.known) if self.known else "none registered"
         super().__init__(f"unknown task type {task_type!r}; known task types: {listed}")
+
+
+class InvalidTaskType(UnknownTaskType):
+    """A task type no agent can have: not a string of 1 to 64 storable characters."""
+
+    def __init__(self, value: object) -> None:
+        self.task_type = short_repr(value)
+        self.known = []
+        InputError.__init__(
+            self,
+            "task type must be a string of 1 to 64 characters without NUL or surrogates, "
+            f"got {self.task_type}",
+        )
 
 
 class InvalidPayload(InputError):

@@ -40,8 +40,8 @@ from orchestration.errors import (
     InvalidClientId,
     InvalidIdempotencyKey,
     InvalidPayload,
+    InvalidTaskType,
     ResultRejected,
-    UnknownTaskType,
     short_repr,
 )
 
@@ -297,16 +297,16 @@ def check_client_id(client_id: Any) -> int:
 
 
 def check_task_type(task_type: Any) -> str:
-    """A task type's form: a string of at most 64 characters, no NUL or surrogate.
+    """A task type's form: a string of 1 to 64 characters, no NUL or surrogate.
 
-    Whether an agent handles it is the registry's question. Raises UnknownTaskType.
+    Whether an agent handles it is the registry's question. Raises InvalidTaskType.
     """
     if (
         not isinstance(task_type, str)
-        or len(task_type) > c.MAX_TASK_TYPE_CHARS
+        or not 0 < len(task_type) <= c.MAX_TASK_TYPE_CHARS
         or not _storable_as_is(task_type)
     ):
-        raise UnknownTaskType(short_repr(task_type), [])
+        raise InvalidTaskType(task_type)
     return str(task_type)
 
 
@@ -331,7 +331,7 @@ def check_task_row(client_id: Any, task_type: Any, payload: Any) -> None:
     """Check a task row as a worker loaded it (the payload as stored), by the rules the
     producer applied: a row that fails could not have been accepted, and cannot run.
 
-    Raises InvalidClientId, UnknownTaskType or InvalidPayload, with the reason.
+    Raises InvalidClientId, InvalidTaskType or InvalidPayload, with the reason.
     """
     check_client_id(client_id)
     check_task_type(task_type)

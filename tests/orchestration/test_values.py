@@ -24,6 +24,7 @@ from orchestration.errors import (
     InvalidClientId,
     InvalidIdempotencyKey,
     InvalidPayload,
+    InvalidTaskType,
     ResultRejected,
     UnknownTaskType,
 )
@@ -183,6 +184,14 @@ def test_floats_are_written_so_jsonb_keeps_them_floats(value: float) -> None:
     assert float(number) == value
 
 
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_no_float_is_written_as_jsonb_would_read_an_integer(value: float) -> None:
+    # jsonb keeps a number's decimal digits: "1e+20" comes back as 100000000000000000000
+    number = encode_result([value]).text[1:-1]
+    assert "e+" not in number and ("." in number or "e-" in number), number
+    assert float(number) == value
+
+
 def test_mappings_tuples_and_subclasses_are_kept_as_json() -> None:
     class Kind(enum.IntEnum):
         A = 1
@@ -291,10 +300,11 @@ def test_good_idempotency_keys() -> None:
     assert check_idempotency_key("\ue000 €") == "\ue000 €"
 
 
-@pytest.mark.parametrize("bad", [None, 1, ["a"], "x" * 65, "a\x00"], ids=repr)
+@pytest.mark.parametrize("bad", [None, 1, ["a"], "", "x" * 65, "a\x00", "\udc80"], ids=repr)
 def test_task_types_of_a_form_no_agent_can_have(bad: Any) -> None:
-    with pytest.raises(UnknownTaskType):
+    with pytest.raises(InvalidTaskType, match="task type must be a string") as info:
         check_task_type(bad)
+    assert isinstance(info.value, UnknownTaskType)
 
 
 # -- the worker's check of a loaded row ----------------------------------------------------
@@ -314,7 +324,7 @@ def test_every_accepted_payload_passes_the_workers_check_as_stored(payload: Any)
     [
         ((-1, "t", {}), InvalidClientId),
         ((2**63, "t", {}), InvalidClientId),
-        ((1, None, {}), UnknownTaskType),
+        ((1, None, {}), InvalidTaskType),
         ((1, "t", []), InvalidPayload),
         ((1, "t", None), InvalidPayload),
         ((1, "t", {"a": nested(300)}), InvalidPayload),
