@@ -143,13 +143,16 @@ def _new_task(item: Any, index: int) -> NewTask:
     return NewTask(**item)
 
 
-def _check(new: NewTask) -> _Row:
-    """One task checked by the rules the worker applies to a loaded row.
+def _check(new: NewTask, known: set[str]) -> _Row:
+    """One task checked by the rules the worker applies to a loaded row; ``known`` holds
+    the task types found in the registry so far (a batch looks each up once).
 
     Raises UnknownTaskType, InvalidClientId, InvalidPayload, InvalidIdempotencyKey.
     """
     task_type = check_task_type(new.task_type)
-    registry.for_task_type(task_type)
+    if task_type not in known:
+        registry.for_task_type(task_type)
+        known.add(task_type)
     return _Row(
         check_client_id(new.client_id),
         task_type,
@@ -213,7 +216,7 @@ class Taskrail:
         nothing. Raises UnknownTaskType, InvalidClientId, InvalidPayload,
         InvalidIdempotencyKey (nothing written), DatabaseUnavailable, WriteConflict.
         """
-        row = _check(NewTask(task_type, client_id, payload, idempotency_key))
+        row = _check(NewTask(task_type, client_id, payload, idempotency_key), set())
         return self._submit_rows([row])[0]
 
     def submit_many(self, items: Iterable[NewTask | Mapping[str, Any]]) -> list[int]:
@@ -229,9 +232,10 @@ class Taskrail:
                 f"submit_many takes NewTask items or mappings, got {type(items).__name__}"
             ) from None
         rows: list[_Row] = []
+        known: set[str] = set()
         for index, item in enumerate(listed):
             try:
-                rows.append(_check(_new_task(item, index)))
+                rows.append(_check(_new_task(item, index), known))
             except InputError as err:
                 raise _at_item(err, index) from None
         return self._submit_rows(rows)
