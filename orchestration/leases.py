@@ -33,6 +33,7 @@ from orchestration import constants as c
 from orchestration.db import Database
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, tasks_table, utcnow
+from orchestration.values import storable_text
 
 log = get_logger("taskrail.leases")
 
@@ -217,7 +218,7 @@ def release(
         "updated_at": utcnow(),
     }
     if error is not None:
-        values["last_error"] = error
+        values["last_error"] = storable_text(error)
     if not attempt_used:
         values["attempts"] = t.c.attempts - 1
     if end_deferral:

@@ -39,7 +39,7 @@ from orchestration.agents import (
     registry,
 )
 from orchestration.breakers import BreakerOpen, Permit, SharedBreaker
-from orchestration.errors import DatabaseUnavailable, TaskrailError
+from orchestration.errors import DatabaseUnavailable, ResultRejected, TaskrailError
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, utcnow
 from orchestration.redact import redact_text
@@ -246,6 +246,9 @@ def conclude(
         metrics.attempt(spec.name, "succeeded")
         try:
             stored = ensure_json(outcome.result)
+        except ResultRejected as err:
+            finish(rt, claimed, "fail", reason=str(err))
+            return
         except (TaskrailError, TypeError, ValueError, RecursionError) as err:
             finish(rt, claimed, "fail", reason=f"result cannot be stored: {error_text(err)}")
             return
