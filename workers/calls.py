@@ -88,8 +88,8 @@ def _discard_late(future: Future[Any], task_id: int) -> None:
 def call(spec: AgentSpec, view: TaskView) -> CallOutcome:
     """Run ``spec``'s handler on ``view`` in this process, waiting at most its time limit.
 
-    Exceptions that are not Exception subclasses (KeyboardInterrupt, SystemExit from
-    the handler) propagate.
+    Whatever the handler raises is its outcome; what interrupts the wait itself (the
+    worker shutting down) propagates.
     """
     context = contextvars.copy_context()
     future = _handler_pool().submit(context.run, spec.handler, view)
@@ -98,7 +98,11 @@ def call(spec: AgentSpec, view: TaskView) -> CallOutcome:
     except FutureTimeout:
         future.add_done_callback(lambda f: _discard_late(f, view.id))
         return CallOutcome(Kind.TIMEOUT, reason=time_limit_reason(spec))
-    except Exception as err:
+    except BaseException as err:
+        if not future.done():  # raised in this thread (a worker shutting down): not ours
+            raise
+        # The handler raised it: SystemExit or KeyboardInterrupt from a handler are its
+        # failures too, not this worker's.
         return classify(err)
     return CallOutcome(Kind.RESULT, result=result)
 
