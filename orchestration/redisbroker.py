@@ -54,6 +54,7 @@ import orjson
 import redis
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
+from kombu.utils import json as kombu_json
 from kombu.utils.encoding import bytes_to_str
 
 from orchestration import constants as c
@@ -171,6 +172,15 @@ def flush_deferred_pushes() -> None:
             log.warning("broker_publish_lost", error=str(err), note="the sweeper re-drives")
 
 
+def _unacked_record(raw: Any, exchange: str, routing_key: str) -> bytes:
+    """kombu's unacked entry ``[message, exchange, routing_key]``: orjson, or kombu's
+    encoder for what orjson cannot write (integers beyond 64 bits are valid JSON)."""
+    try:
+        return orjson.dumps([raw, exchange, routing_key])
+    except TypeError:
+        return kombu_json.dumps([raw, exchange, routing_key]).encode()
+
+
 class QoS(kombu_redis.QoS):
     """kombu's ack emulation, with the fetch and the acks of a batch done together."""
 
@@ -187,7 +197,7 @@ class QoS(kombu_redis.QoS):
             delivery = message.delivery_info
             channel._brpop_message = (
                 delivery_tag,
-                orjson.dumps([message._raw, delivery["exchange"], delivery["routing_key"]]),
+                _unacked_record(message._raw, delivery["exchange"], delivery["routing_key"]),
             )
             verdict = channel._fetch_more(once_key(message.headers))
             if verdict >= 0:
@@ -415,7 +425,7 @@ class Channel(kombu_redis.Channel):
     def _unrecord(self, item: bytes) -> None:
         """Forget a message the fetch script recorded as unacknowledged (it has a tag)."""
         with contextlib.suppress(Exception):
-            tag = orjson.loads(item)["properties"]["delivery_tag"]
+            tag = loads(bytes_to_str(item))["properties"]["delivery_tag"]
             self._prerecorded.discard(tag)
             with self._raw().pipeline(transaction=False) as pipe:
                 pipe.zrem(self._key(self.unacked_index_key), tag)

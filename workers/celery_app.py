@@ -20,6 +20,7 @@ import orjson
 from celery import Celery, signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import DecodeError
+from kombu.utils import json as kombu_json
 from vine import promise
 
 from orchestration import deadletters
@@ -102,10 +103,19 @@ def message_bytes(message: Any) -> bytes:
             "content-encoding": message.content_encoding,
             "body": body,
         }
+    return _json_bytes(raw)
+
+
+def _json_bytes(value: Any) -> bytes:
+    """``value`` as JSON: orjson, else kombu's encoder (integers beyond 64 bits), else repr."""
     try:
-        return orjson.dumps(raw, default=repr, option=orjson.OPT_NON_STR_KEYS)
-    except (TypeError, orjson.JSONEncodeError):
-        return repr(raw).encode("utf-8", "backslashreplace")
+        return orjson.dumps(value, default=repr, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        pass
+    try:
+        return kombu_json.dumps(value).encode("utf-8", "surrogatepass")
+    except (TypeError, ValueError):
+        return repr(value).encode("utf-8", "backslashreplace")
 
 
 _store_lock = threading.Lock()
@@ -142,10 +152,7 @@ def dead_letter_hop(task: Any, reason: str) -> None:
     request = task.request
     info = request.delivery_info if isinstance(request.delivery_info, dict) else {}
     raw = {"task": task.name, "id": request.id, "args": request.args, "kwargs": request.kwargs}
-    try:
-        data = orjson.dumps(raw, default=repr, option=orjson.OPT_NON_STR_KEYS)
-    except (TypeError, orjson.JSONEncodeError):
-        data = repr(raw).encode("utf-8", "backslashreplace")
+    data = _json_bytes(raw)
     deadletters.dead_letter(process_store(), str(info.get("routing_key") or "?"), reason, data)
 
 

@@ -80,6 +80,10 @@ def garbage(queue: str, marker: Path) -> dict[str, bytes]:
         return json.dumps(message).encode()
 
     return {
+        # first: BRPOP hands it over (the rest of a batch comes with the fetch script)
+        "big integers": enc(
+            envelope(queue, task="taskrail.no_such_hop", headers={"x": 2**70, "y": "é"})
+        ),
         "not json": b"garbage",
         "not utf-8": b"\xff\xfe\x00\x80 garbage \xc3",
         "json list": b"[1, 2, 3]",

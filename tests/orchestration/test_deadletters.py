@@ -276,3 +276,44 @@ def test_store_for_each_kind_of_broker(tmp_path: Path) -> None:
     elsewhere = store_for(Settings(data_dir=tmp_path, broker_url="amqp://guest:guest@h//"))
     assert isinstance(elsewhere, FileDeadLetters)
     assert elsewhere.folder == tmp_path / c.DEAD_LETTER_FOLDER
+
+
+# -- the embedded broker -----------------------------------------------------------------------
+
+
+def test_a_queue_file_that_is_not_an_envelope_is_a_dead_letter_on_the_embedded_broker(
+    tmp_path: Path,
+) -> None:
+    from kombu import Connection, Consumer, Exchange, Producer, Queue
+
+    from orchestration import localbroker
+
+    # Given the embedded broker's folders, a garbage file first in line and a message
+    folder = tmp_path / "broker"
+    for sub in ("queue", "control"):
+        (folder / sub).mkdir(parents=True)
+    options = {
+        "data_folder_in": str(folder / "queue"),
+        "data_folder_out": str(folder / "queue"),
+        "control_folder": str(folder / "control"),
+        "polling_interval": 0.01,
+    }
+    queue = Queue("taskrail.hops", Exchange("taskrail.hops", type="direct"), "taskrail.hops")
+    got: list[Any] = []
+    with Connection(f"{localbroker.SCHEME}://localhost/", transport_options=options) as conn:
+        Producer(conn.default_channel).publish(
+            {"n": 1}, exchange=queue.exchange, routing_key="taskrail.hops", declare=[queue]
+        )
+        (folder / "queue" / "00000000000000000000_x.taskrail.hops.msg").write_bytes(b"garbage")
+        # When a consumer reads the queue
+        with Consumer(conn, [queue], callbacks=[lambda body, m: (got.append(body), m.ack())]):
+            conn.drain_events(timeout=5)
+    # Then the message is delivered and the garbage kept beside the queue folder
+    assert got == [{"n": 1}]
+    (entry,) = FileDeadLetters(folder / c.DEAD_LETTER_FOLDER).list()
+    assert (entry["queue"], entry["raw"], entry["reason"]) == (
+        "taskrail.hops",
+        "garbage",
+        "not JSON",
+    )
+    assert not list((folder / "queue").glob("*.msg*"))
