@@ -68,7 +68,7 @@ def fresh_database(db: str = DB_NAME, migrate: bool = True) -> None:
         admin.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{db}"')
     if migrate:
-        from orchestration.db import Database
+        from orchestration.store.db import Database
 
         database = Database(sqlalchemy_url(db))
         database.upgrade()

@@ -12,7 +12,7 @@ Three parts, each optional (``--skip drain,sweeper,workers``):
   growth < 10%, the last window's throughput within 10% of the first's.
 - **sweeper**: a table of ``--rows`` tasks (default 1,000,000: 99% final, the rest
   active, a tenth of those stuck), analysed, then ``EXPLAIN (ANALYZE, BUFFERS)`` of the
-  sweeper's claim statement (the real one, ``orchestration.recovery``) inside a
+  sweeper's claim statement (the real one, ``orchestration.store.recovery``) inside a
   transaction that is rolled back, and of ``taskrail status``'s stuck count. Goal:
   claim < 50 ms.
 - **workers**: throughput of ``--scaling-n`` tasks (default 3,000) with 1, 2, 3 and 4
@@ -147,9 +147,9 @@ def sweeper(rows: int) -> None:
 
     from sqlalchemy import text
 
-    from orchestration.db import Database
     from orchestration.models import utcnow
-    from orchestration.recovery import ACTIVE_STATUSES, _claim_sql
+    from orchestration.store.db import Database
+    from orchestration.store.recovery import ACTIVE_STATUSES, _claim_sql
 
     print(f"sweeper: {rows} tasks in database {SWEEPER_DB}")
     cm.fresh_database(SWEEPER_DB)

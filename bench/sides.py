@@ -156,8 +156,8 @@ class Taskrail(Side):
         from orchestration import constants as c
         from orchestration.api import NewTask
         from orchestration.api import Taskrail as Client
-        from orchestration.dispatch import Dispatcher, make_celery
         from orchestration.logging import configure_logging
+        from orchestration.messaging.dispatch import Dispatcher, make_celery
         from orchestration.settings import Settings
 
         class HeldBack(Dispatcher):

@@ -48,8 +48,8 @@ def main() -> None:
         TASKRAIL_LOG_LEVEL="WARNING",
     )
     from orchestration.api import NewTask, Taskrail
-    from orchestration.dispatch import Dispatcher, make_celery
     from orchestration.logging import configure_logging
+    from orchestration.messaging.dispatch import Dispatcher, make_celery
     from orchestration.settings import Settings
 
     configure_logging("console", "WARNING")

@@ -35,8 +35,6 @@ from sqlalchemy.dialects import sqlite
 
 from orchestration import constants as c
 from orchestration.agents import load_agent_modules, registry
-from orchestration.db import ConnectionTimeouts, Database
-from orchestration.dispatch import Dispatcher, make_celery
 from orchestration.errors import (
     BrokerUnavailable,
     InputError,
@@ -47,10 +45,12 @@ from orchestration.errors import (
     short_repr,
 )
 from orchestration.logging import get_logger
+from orchestration.messaging.dispatch import Dispatcher, make_celery
 from orchestration.models import TaskStatus, events_table, tasks_table, utcnow
-from orchestration.records import EventRecord, TaskRecord
 from orchestration.settings import Settings, get_settings
-from orchestration.transitions import Outcome, TransitionNotAllowed, apply_transition
+from orchestration.store.db import ConnectionTimeouts, Database
+from orchestration.store.records import EventRecord, TaskRecord
+from orchestration.store.transitions import Outcome, TransitionNotAllowed, apply_transition
 from orchestration.values import (
     check_client_id,
     check_idempotency_key,

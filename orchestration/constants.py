@@ -83,7 +83,7 @@ DEFAULT_METRICS_HOST = "127.0.0.1"
 # Redis key prefixes (breaker state).
 BREAKER_KEY_PREFIX = "taskrail:breaker"
 
-# Pre-claimed executions (orchestration.leases.RunGuard): "N:run:<lease token>", set
+# Pre-claimed executions (orchestration.store.leases.RunGuard): "N:run:<lease token>", set
 # once by the first execute hop that takes the lease, so a duplicate of its message
 # does not run the handler again. Kept for RUN_GUARD_TTL_FACTOR x the visibility
 # timeout: a redelivered message arrives within one.
@@ -93,7 +93,7 @@ RUN_GUARD_KEY_SEGMENT = "run"
 ONCE_KEY_PREFIX = "taskrail:once:"
 RUN_GUARD_TTL_FACTOR = 2
 
-# Dead letters (orchestration.deadletters): bytes on a taskrail queue that are not a valid
+# Dead letters (orchestration.messaging.deadletters): bytes on a taskrail queue that are not a valid
 # hop, kept for an operator (`taskrail dead`). On Redis a list "<broker key prefix>
 # taskrail.dead", newest first; on the embedded default one file each in
 # "<data dir>/broker/dead/". At most DEAD_LETTER_MAX_ENTRIES are kept (the oldest go),
@@ -124,7 +124,7 @@ DEFAULT_BREAKER_TRIAL_LEASE_S = 60.0
 BREAKER_REDIS_SOCKET_TIMEOUT_S = 2.0
 BREAKER_REDIS_CONNECT_TIMEOUT_S = 1.0
 
-# Connections to PostgreSQL (orchestration.db): a server or a network that stops answering
+# Connections to PostgreSQL (orchestration.store.db): a server or a network that stops answering
 # fails a statement within seconds instead of hanging a worker and its lease renewals.
 # libpq counts connect_timeout in whole seconds (at least 2).
 DB_CONNECT_TIMEOUT_S = 5.0
@@ -140,7 +140,7 @@ DB_KEEPALIVES_COUNT = 5
 DB_STATEMENT_TIMEOUT_S = 30.0
 DB_LOCK_TIMEOUT_S = 10.0
 
-# The broker's Redis clients (Celery broker_transport_options, orchestration.dispatch).
+# The broker's Redis clients (Celery broker_transport_options, orchestration.messaging.dispatch).
 # A blocking read waits at most BROKER_SOCKET_TIMEOUT_S: longer than kombu's BRPOP
 # timeout (BROKER_BRPOP_TIMEOUT_S), which the server answers on its own.
 BROKER_SOCKET_TIMEOUT_S = 5.0

@@ -32,7 +32,7 @@ class TaskStateMachine(StateMachine):
     """Validates lifecycle moves of one task and applies their field changes to it.
 
     The callbacks change only the bound object; persisting it is the transition
-    store's job (:mod:`orchestration.transitions`).
+    store's job (:mod:`orchestration.store.transitions`).
     """
 
     pending = State(initial=True, value=TaskStatus.PENDING)

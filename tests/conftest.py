@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from orchestration.db import Database
 from orchestration.settings import Settings
+from orchestration.store.db import Database
 from tests.support import (
     BREAKER_NAMESPACE,
     KEY_PREFIX,

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from orchestration.db import ConnectionTimeouts, Database
 from orchestration.errors import DatabaseUnavailable
+from orchestration.store.db import ConnectionTimeouts, Database
 from tests.support import OwnPostgres, _postgres_bindir
 
 CLIENT_IP, SERVER_IP = "10.255.0.1", "10.255.0.2"

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from orchestration.api import Taskrail
-from orchestration.migrate import head_revision
 from orchestration.settings import Settings
-from orchestration.transitions import apply_transition
+from orchestration.store.migrate import head_revision
+from orchestration.store.transitions import apply_transition
 from tests.support import REPO, run_cli
 
 AGENTS = "demo_agents,tests.agents"

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from orchestration import constants as c
-from orchestration.deadletters import FileDeadLetters, RedisDeadLetters, make_entry
+from orchestration.messaging.deadletters import FileDeadLetters, RedisDeadLetters, make_entry
 from tests.support import REPO, OwnRedis, free_port, run_cli
 
 MARKUP = "[bold red]not markup[/] [link=http://x]y[/link]"

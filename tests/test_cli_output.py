@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from orchestration.api import Taskrail
 from orchestration.redact import names_secret, redact_text
 from orchestration.settings import Settings
-from orchestration.transitions import apply_transition
+from orchestration.store.transitions import apply_transition
 from tests.support import REPO, OwnRedis, run_cli
 
 AGENTS = "demo_agents,tests.agents"

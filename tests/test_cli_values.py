@@ -10,7 +10,7 @@ from pathlib import Path
 from orchestration import api
 from orchestration.models import TaskStatus
 from orchestration.settings import Settings
-from orchestration.transitions import apply_transition
+from orchestration.store.transitions import apply_transition
 from tests.support import REPO, run_cli
 
 ODD = "page\x00one \ud800 \udc80 \ue000"

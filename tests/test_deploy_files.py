@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from orchestration import migrate
 from orchestration.settings import Settings
+from orchestration.store import migrate
 from tests.deploy_support import (
     SHARED_PROCESSES,
     command_words,

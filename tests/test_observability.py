@@ -21,11 +21,11 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import insert
 
-from orchestration.db import Database
-from orchestration.exposition import build_registry, make_metrics_server
 from orchestration.logging import configure_logging, get_logger
 from orchestration.models import tasks_table, utcnow
-from orchestration.status import status_report
+from orchestration.ops.exposition import build_registry, make_metrics_server
+from orchestration.ops.status import status_report
+from orchestration.store.db import Database
 from tests.deploy_support import http_get
 from tests.support import REPO
 
@@ -36,7 +36,7 @@ def _record(folder: Path, code: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh process that records into ``folder``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRAIL_")}
     env.update(PROMETHEUS_MULTIPROC_DIR=str(folder), PYTHONPATH=str(REPO))
-    script = "from orchestration import metrics\n" + textwrap.dedent(code)
+    script = "from orchestration.ops import metrics\n" + textwrap.dedent(code)
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
     )
@@ -406,7 +406,7 @@ def test_status_tells_stuck_from_deferred_and_over_time_limit(any_db: Database) 
 
 
 def test_the_sweeper_records_every_pass_and_status_flags_a_late_one(any_db: Database) -> None:
-    from orchestration.recovery import last_sweep, record_sweep
+    from orchestration.store.recovery import last_sweep, record_sweep
 
     # Given a sweeper that ran 4 s ago, every 5 s
     record_sweep(any_db, redriven=7, duration_s=0.25, at=utcnow() - timedelta(seconds=4))
@@ -430,11 +430,11 @@ def test_status_screen_and_json_show_each_category(
     from typer.testing import CliRunner
 
     from orchestration import api
-    from orchestration.cli import app
-    from orchestration.recovery import record_sweep
+    from orchestration.ops.cli import app
 
     # Given the embedded database with tasks of each kind and a sweeper 60 s late (every 4 s)
     from orchestration.settings import get_settings
+    from orchestration.store.recovery import record_sweep
 
     monkeypatch.setenv("TASKRAIL_SWEEP_INTERVAL_S", "4")
     get_settings.cache_clear()
@@ -465,7 +465,7 @@ def test_metrics_show_each_category_and_the_sweeper(
 ) -> None:
     from prometheus_client import generate_latest
 
-    from orchestration.recovery import record_sweep
+    from orchestration.store.recovery import record_sweep
 
     # Given tasks of each kind and a sweeper that ran 20 s ago, every 5 s
     _seed_not_moving(any_db)

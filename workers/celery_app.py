@@ -1,10 +1,10 @@
 """The Celery app that ``celery -A workers`` finds (``workers.app``).
 
-Configuration comes from :func:`orchestration.dispatch.celery_config`, the same the
+Configuration comes from :func:`orchestration.messaging.dispatch.celery_config`, the same the
 producers use, read from the ``TASKRAIL_*`` environment when the worker starts.
 
 Its consumer (:class:`Consumer`) keeps every message that is not a valid hop as a dead
-letter (:mod:`orchestration.deadletters`) and goes on consuming; the transports do the
+letter (:mod:`orchestration.messaging.deadletters`) and goes on consuming; the transports do the
 same for bytes that are not a message envelope at all.
 """
 
@@ -23,10 +23,10 @@ from kombu.exceptions import DecodeError
 from kombu.utils import json as kombu_json
 from vine import promise
 
-from orchestration import deadletters
-from orchestration.dispatch import make_celery
 from orchestration.errors import NotAHop
 from orchestration.logging import configure_logging
+from orchestration.messaging import deadletters
+from orchestration.messaging.dispatch import make_celery
 from orchestration.settings import get_settings
 
 _logger = logging.getLogger("taskrail.consumer")

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import structlog
 
 from orchestration import constants as c
-from orchestration import leases, metrics, values
+from orchestration import values
 from orchestration.agents import (
     AgentSpec,
     Escalate,
@@ -42,8 +42,10 @@ from orchestration.breakers import BreakerOpen, Permit, SharedBreaker
 from orchestration.errors import DatabaseUnavailable, ResultRejected, TaskrailError
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, utcnow
+from orchestration.ops import metrics
 from orchestration.redact import redact_text
-from orchestration.transitions import Outcome, apply_transition
+from orchestration.store import leases
+from orchestration.store.transitions import Outcome, apply_transition
 from workers import calls
 from workers.calls import CallOutcome, Kind
 from workers.runtime import Runtime

@@ -30,13 +30,13 @@ import structlog
 from celery import Task
 
 from orchestration import constants as c
-from orchestration import metrics
 from orchestration.agents import AgentSpec, registry
 from orchestration.errors import InfrastructureError, UnknownTaskType
-from orchestration.leases import preclaim_token
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, utcnow
-from orchestration.transitions import INCREMENT, Outcome, apply_transition
+from orchestration.ops import metrics
+from orchestration.store.leases import preclaim_token
+from orchestration.store.transitions import INCREMENT, Outcome, apply_transition
 from workers import execution, messages
 from workers.celery_app import app, dead_letter_hop
 from workers.runtime import Runtime, runtime

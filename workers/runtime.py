@@ -16,16 +16,17 @@ from typing import Any, NoReturn
 
 from celery import Celery, signals
 
-from orchestration import metrics, redisbroker
 from orchestration.agents import AgentSpec, Escalate, PermanentError, load_agent_modules
 from orchestration.breakers import BreakerBoard, SharedBreaker
-from orchestration.db import ConnectionTimeouts, Database
-from orchestration.dispatch import Dispatcher
 from orchestration.errors import TaskrailError
-from orchestration.leases import LeaseKeeper
 from orchestration.logging import get_logger
+from orchestration.messaging import redisbroker
+from orchestration.messaging.dispatch import Dispatcher
+from orchestration.ops import metrics
 from orchestration.redact import redact_text
 from orchestration.settings import Settings, get_settings
+from orchestration.store.db import ConnectionTimeouts, Database
+from orchestration.store.leases import LeaseKeeper
 
 log = get_logger("taskrail.worker")
 
@@ -135,7 +136,7 @@ def _forget_parent_runtime(**_: object) -> None:
 
 @signals.worker_shutdown.connect
 def _flush_held_pushes(**_: object) -> None:
-    # Hop messages held for a loop turn that will not come (orchestration.redisbroker).
+    # Hop messages held for a loop turn that will not come (orchestration.messaging.redisbroker).
     redisbroker.flush_deferred_pushes()
 
 

@@ -13,7 +13,7 @@ from celery import Task
 from orchestration import constants as c
 from orchestration.errors import InfrastructureError
 from orchestration.logging import get_logger
-from orchestration.recovery import sweep as sweep_once
+from orchestration.store.recovery import sweep as sweep_once
 from workers.celery_app import app
 from workers.runtime import runtime
 

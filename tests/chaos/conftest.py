@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import redis
 
-from orchestration.db import Database
 from orchestration.settings import Settings
+from orchestration.store.db import Database
 from tests.support import KEY_PREFIX, REPO, OwnPostgres, OwnRedis, WorkerFleet, settings_from
 
 # The suite's results, printed at the end of the run (tasks, faults, lost, duplicates, drain).

@@ -13,7 +13,7 @@ import pytest
 import redis
 from celery import Celery
 
-from orchestration.dispatch import Dispatcher, make_celery
+from orchestration.messaging.dispatch import Dispatcher, make_celery
 from orchestration.settings import Settings
 from tests.agents import key
 from tests.chaos import Workload, count_lines, report_numbers, start_workers

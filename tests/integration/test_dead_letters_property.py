@@ -22,7 +22,8 @@ import redis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from orchestration import api, protocol
+from orchestration import api
+from orchestration.messaging import protocol
 from tests.support import REPO, OwnRedis, WorkerFleet, settings_from, wait_until_resting
 
 pytestmark = pytest.mark.integration

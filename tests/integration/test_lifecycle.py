@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from demo_agents import expected_status, scenario_for
 from orchestration import api
 from orchestration.api import NewTask
-from orchestration.dispatch import Dispatcher, make_celery
+from orchestration.messaging.dispatch import Dispatcher, make_celery
 from tests.agents import key
 from tests.support import (
     KEY_PREFIX,

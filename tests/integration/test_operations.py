@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
 from orchestration import api
-from orchestration.dispatch import celery_config
+from orchestration.messaging.dispatch import celery_config
 from orchestration.settings import Settings, get_settings
 from tests.deploy_support import (
     compose,

@@ -76,7 +76,7 @@ def test_sweeper_does_not_resend_a_queued_backlog(server_settings, pg_url: str) 
     # older than the re-drive delay, and one in_progress task whose worker died
     from sqlalchemy import text as sql
 
-    from orchestration.recovery import sweep
+    from orchestration.store.recovery import sweep
 
     trail = api.client()
     ids = trail.submit_many([{"task_type": "payroll", "client_id": i} for i in range(150)])
@@ -108,8 +108,8 @@ def test_two_sweepers_at_once_never_claim_the_same_task(server_settings, pg_url:
 
     from sqlalchemy import text as sql
 
-    from orchestration.db import Database
-    from orchestration.recovery import claim_stuck
+    from orchestration.store.db import Database
+    from orchestration.store.recovery import claim_stuck
 
     trail = api.client()
     trail.submit_many([{"task_type": "payroll", "client_id": i} for i in range(400)])

@@ -17,9 +17,9 @@ import pytest
 from sqlalchemy import text
 
 from orchestration.breakers import BreakerBoard
-from orchestration.db import ConnectionTimeouts, Database
-from orchestration.dispatch import celery_config, make_celery
+from orchestration.messaging.dispatch import celery_config, make_celery
 from orchestration.settings import Settings
+from orchestration.store.db import ConnectionTimeouts, Database
 from tests.support import REPO
 
 pytestmark = pytest.mark.integration

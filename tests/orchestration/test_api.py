@@ -22,7 +22,6 @@ from orchestration import api
 from orchestration.agents import registry
 from orchestration.api import NewTask
 from orchestration.constants import HOP_ASSIGN, QUEUE_HOPS
-from orchestration.db import Database
 from orchestration.errors import (
     DatabaseUnavailable,
     InputError,
@@ -35,7 +34,8 @@ from orchestration.errors import (
 )
 from orchestration.models import TaskStatus, events_table, tasks_table
 from orchestration.settings import Settings, get_settings
-from orchestration.transitions import apply_transition
+from orchestration.store.db import Database
+from orchestration.store.transitions import apply_transition
 
 # Task types of the agents in TASKRAIL_AGENTS=demo_agents,tests.agents (among others).
 KNOWN_TYPES = ["bad_result", "bookkeeping", "echo", "payroll", "personal_tax"]

@@ -25,7 +25,6 @@ from structlog.testing import capture_logs
 from orchestration import api
 from orchestration.agents import TaskView
 from orchestration.api import NewTask
-from orchestration.db import Database
 from orchestration.errors import (
     InputError,
     InvalidClientId,
@@ -35,7 +34,8 @@ from orchestration.errors import (
 )
 from orchestration.models import TaskStatus, events_table, tasks_table
 from orchestration.settings import Settings
-from orchestration.transitions import apply_transition
+from orchestration.store.db import Database
+from orchestration.store.transitions import apply_transition
 from tests.support import OwnRedis, settings_from
 
 pytestmark = pytest.mark.integration

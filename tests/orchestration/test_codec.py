@@ -1,4 +1,4 @@
-"""orchestration.codec decodes exactly as kombu's JSON does, and encodes events that
+"""orchestration.messaging.codec decodes exactly as kombu's JSON does, and encodes events that
 kombu decodes back to what was sent."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from kombu import serialization
 from kombu.utils import json as kombu_json
 
-from orchestration import codec
+from orchestration.messaging import codec
 
 TEXTS = [
     '{"task": "taskrail.assign", "id": "abc", "args": [1, "personal_tax"]}',
@@ -110,7 +110,7 @@ def test_install_swaps_the_decoder_and_keeps_kombus_encoder():
 
 
 def test_the_app_sends_events_with_the_events_serializer(tmp_path):
-    from orchestration.dispatch import make_celery
+    from orchestration.messaging.dispatch import make_celery
     from orchestration.settings import Settings
 
     app = make_celery(Settings(data_dir=tmp_path))

@@ -1,4 +1,4 @@
-"""Every way a driver error can leave orchestration.db comes out as taskrail's error.
+"""Every way a driver error can leave orchestration.store.db comes out as taskrail's error.
 
 A real PostgreSQL behind a relay the test controls (tests/relay.py): refused, dropped
 (a restart), shut down by the server, plus SQLite and the pool. A raw driver error that
@@ -15,13 +15,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from orchestration.db import Database
 from orchestration.errors import (
     ConfigurationError,
     DatabaseRejected,
     DatabaseUnavailable,
     SchemaNotReady,
 )
+from orchestration.store.db import Database
 from tests.relay import TcpRelay
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import text
 
-from orchestration.db import Database
 from orchestration.errors import DatabaseUnavailable
+from orchestration.store.db import Database
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The dead-letter store and the envelope check (orchestration.deadletters).
+"""The dead-letter store and the envelope check (orchestration.messaging.deadletters).
 
 The Redis store runs on a redis-server of this module's own; the file store in a
 temporary folder.
@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from kombu.transport import virtual
 
 from orchestration import constants as c
-from orchestration import deadletters, protocol
-from orchestration.deadletters import (
+from orchestration.errors import BrokerUnavailable, NotAHop
+from orchestration.messaging import deadletters, protocol
+from orchestration.messaging.deadletters import (
     FileDeadLetters,
     RedisDeadLetters,
     dead_letter,
@@ -30,7 +31,6 @@ from orchestration.deadletters import (
     make_entry,
     store_for,
 )
-from orchestration.errors import BrokerUnavailable, NotAHop
 from orchestration.settings import Settings
 from tests.support import OwnRedis
 
@@ -286,7 +286,7 @@ def test_a_queue_file_that_is_not_an_envelope_is_a_dead_letter_on_the_embedded_b
 ) -> None:
     from kombu import Connection, Consumer, Exchange, Queue
 
-    from orchestration import localbroker
+    from orchestration.messaging import localbroker
 
     # Given the embedded broker's folders with a garbage file first in line, then a hop
     # (written as the broker writes them: kombu's in-process binding state is shared by

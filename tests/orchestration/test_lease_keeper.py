@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from sqlalchemy import select, update
 
 from orchestration import api
-from orchestration.leases import LeaseKeeper
 from orchestration.models import TaskStatus, tasks_table
+from orchestration.store.leases import LeaseKeeper
 
 
 def _leased(trail: api.Taskrail, token: str, expires: float) -> int:

@@ -1,4 +1,4 @@
-"""orchestration.protocol: a batch's pre-encoded envelopes are the envelopes
+"""orchestration.messaging.protocol: a batch's pre-encoded envelopes are the envelopes
 :func:`protocol.envelope` builds, and kombu's own transport reads them."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import uuid
 import orjson
 import pytest
 
-from orchestration import protocol
+from orchestration.messaging import protocol
 
 ARGS = [
     [1, "personal_tax"],

@@ -8,8 +8,8 @@ from sqlalchemy import update
 
 from orchestration import api
 from orchestration.models import TaskStatus, tasks_table, utcnow
-from orchestration.recovery import claim_stuck
-from orchestration.status import categories
+from orchestration.ops.status import categories
+from orchestration.store.recovery import claim_stuck
 
 
 def _age(trail: api.Taskrail, ids: list[int], seconds: float, **values: object) -> None:

@@ -12,7 +12,7 @@ from sqlalchemy import update
 from orchestration import api
 from orchestration import constants as c
 from orchestration.models import TaskStatus, tasks_table, utcnow
-from orchestration.recovery import claim_stuck, sweep
+from orchestration.store.recovery import claim_stuck, sweep
 
 AGENT = "payroll_agent"
 

@@ -15,7 +15,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from orchestration import protocol, redisbroker
+from orchestration.messaging import protocol, redisbroker
 from tests.support import purge
 
 pytestmark = pytest.mark.integration

@@ -18,11 +18,11 @@ from statemachine.exceptions import TransitionNotAllowed
 
 from orchestration.agents import ensure_json
 from orchestration.constants import MAX_REASON_CHARS
-from orchestration.db import Database
 from orchestration.errors import ResultRejected
 from orchestration.models import Base, TaskStatus, events_table, tasks_table, utcnow
 from orchestration.state_machine import TaskStateMachine
-from orchestration.transitions import Outcome, apply_transition
+from orchestration.store.db import Database
+from orchestration.store.transitions import Outcome, apply_transition
 from orchestration.values import read_json, read_text
 
 S = TaskStatus
@@ -299,7 +299,7 @@ def test_plan_gives_the_verdict_of_the_machines_send_on_every_pair() -> None:
     """plan() asks the machine which events are enabled instead of sending the event:
     for every (state, event) it refuses what ``send`` refuses, with the same message,
     and otherwise gives the target and the field changes ``send`` makes."""
-    from orchestration.transitions import plan
+    from orchestration.store.transitions import plan
     from tests.orchestration.test_state_machine_exhaustive import ALL_PAIRS, ALLOWED
 
     for status, event in [*ALL_PAIRS, (S.PENDING, "no_such_event")]:

@@ -30,10 +30,10 @@ things differ, each measured on the hop path (docs/performance.md):
 
 Bytes on a queue that are not a kombu envelope (not JSON, not an object with a
 delivery tag, a body that is not base64, ...) are kept as dead letters
-(:mod:`orchestration.deadletters`) and the worker goes on; kombu's own transport
+(:mod:`orchestration.messaging.deadletters`) and the worker goes on; kombu's own transport
 raises out of its event loop on them, which stops the worker.
 
-Select it with Celery's ``broker_transport`` (``orchestration.dispatch`` does for
+Select it with Celery's ``broker_transport`` (``orchestration.messaging.dispatch`` does for
 ``redis://`` and ``rediss://`` URLs).
 """
 
@@ -58,10 +58,10 @@ from kombu.utils import json as kombu_json
 from kombu.utils.encoding import bytes_to_str
 
 from orchestration import constants as c
-from orchestration.codec import loads
-from orchestration.deadletters import RedisDeadLetters, dead_letter, decode_envelope
 from orchestration.errors import NotAHop
 from orchestration.logging import get_logger
+from orchestration.messaging.codec import loads
+from orchestration.messaging.deadletters import RedisDeadLetters, dead_letter, decode_envelope
 
 log = get_logger("taskrail.broker")
 
@@ -447,8 +447,8 @@ class Channel(kombu_redis.Channel):
     # -- publishing -----------------------------------------------------------------
 
     def push(self, messages: Iterable[tuple[str, dict[str, Any] | bytes]]) -> None:
-        """Put prebuilt envelopes (:func:`orchestration.protocol.envelope`, or already
-        encoded by :func:`orchestration.protocol.encoded_envelopes`) on their queues.
+        """Put prebuilt envelopes (:func:`orchestration.messaging.protocol.envelope`, or already
+        encoded by :func:`orchestration.messaging.protocol.encoded_envelopes`) on their queues.
 
         What ``basic_publish`` to the default exchange does, without kombu's routing
         machinery; several messages go in one pipeline. Each envelope is encoded as it

@@ -12,7 +12,7 @@
 Prefork workers run each hop in a child process, so the counters live in
 prometheus-client's multiprocess mode: with ``PROMETHEUS_MULTIPROC_DIR`` set (before
 the process starts), every process writes its samples to files in that directory and
-``taskrail metrics`` (:mod:`orchestration.exposition`) adds them up at scrape time. The
+``taskrail metrics`` (:mod:`orchestration.ops.exposition`) adds them up at scrape time. The
 files are named by host and pid, so worker containers sharing one volume never
 collide. Without the variable the samples stay in the process that made them.
 

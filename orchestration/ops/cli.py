@@ -16,7 +16,9 @@ import typer
 from rich.columns import Columns
 from rich.table import Table
 
-from orchestration.cli_edge import (
+from orchestration.errors import InvalidPayload, TaskrailError
+from orchestration.logging import configure_logging
+from orchestration.ops.cli_edge import (
     exit_code,
     literal,
     make_console,
@@ -24,8 +26,6 @@ from orchestration.cli_edge import (
     print_error,
     settings_error,
 )
-from orchestration.errors import InvalidPayload, TaskrailError
-from orchestration.logging import configure_logging
 from orchestration.redact import redact_text
 from orchestration.settings import get_settings
 
@@ -174,7 +174,7 @@ def show(
 @command
 def status(as_json: JsonFlag = False) -> None:
     """One screen: tasks by state, throughput, tasks not moving and why, the sweeper."""
-    from orchestration.status import status_report
+    from orchestration.ops.status import status_report
 
     trail = _client()
     report = status_report(
@@ -272,7 +272,7 @@ def _not_moving_lines(doc: dict[str, Any], redrive_after_s: float) -> list[str]:
 @command
 def sweep(as_json: JsonFlag = False) -> None:
     """Re-drive, once, the tasks nothing drives any more (the beat job does this on a schedule)."""
-    from orchestration.recovery import sweep as sweep_once
+    from orchestration.store.recovery import sweep as sweep_once
 
     trail = _client()
     redriven = sweep_once(
@@ -326,7 +326,7 @@ def demo(
     as_json: JsonFlag = False,
 ) -> None:
     """Run demo tasks to a final state and print the outcome and throughput."""
-    from orchestration.demo import render, run_demo
+    from orchestration.ops.demo import render, run_demo
 
     settings = get_settings()
     if not as_json:
@@ -375,10 +375,10 @@ def metrics(
     Basic auth with TASKRAIL_METRICS_AUTH=user:password, or --no-auth.
     """
     from orchestration.agents import load_agent_modules
-    from orchestration.db import Database
     from orchestration.errors import ConfigurationError
-    from orchestration.exposition import make_metrics_server, parse_credentials
-    from orchestration.metrics import MULTIPROC_ENV, multiprocess_dir
+    from orchestration.ops.exposition import make_metrics_server, parse_credentials
+    from orchestration.ops.metrics import MULTIPROC_ENV, multiprocess_dir
+    from orchestration.store.db import Database
 
     settings = get_settings()
     if settings.metrics_auth is None and not no_auth:
@@ -524,7 +524,7 @@ def dead(
         return
     from rich.text import Text
 
-    from orchestration.deadletters import close_store, excerpt, printable, store_for
+    from orchestration.messaging.deadletters import close_store, excerpt, printable, store_for
 
     store = store_for(get_settings())
     try:
@@ -556,7 +556,7 @@ def dead_purge(as_json: JsonFlag = False) -> None:
     """Remove every dead letter; prints how many."""
     from rich.text import Text
 
-    from orchestration.deadletters import close_store, store_for
+    from orchestration.messaging.deadletters import close_store, store_for
 
     store = store_for(get_settings())
     try:
@@ -573,7 +573,7 @@ def dead_purge(as_json: JsonFlag = False) -> None:
 @command
 def db_upgrade() -> None:
     """Apply every schema migration (Alembic)."""
-    from orchestration.db import Database
+    from orchestration.store.db import Database
 
     settings = get_settings()
     database = Database(settings.effective_database_url)
@@ -590,7 +590,7 @@ def main() -> None:
     """
     from typer.exceptions import Abort, TyperException
 
-    from orchestration.cli_edge import debug_requested, unexpected_error_line
+    from orchestration.ops.cli_edge import debug_requested, unexpected_error_line
 
     try:
         code = app(standalone_mode=False)

@@ -30,9 +30,9 @@ from typing import Any
 from sqlalchemy import Executable, bindparam, func, literal, select, text, update
 
 from orchestration import constants as c
-from orchestration.db import Database
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, tasks_table, utcnow
+from orchestration.store.db import Database
 from orchestration.values import storable_text
 
 log = get_logger("taskrail.leases")

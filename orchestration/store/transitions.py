@@ -32,11 +32,11 @@ from sqlalchemy import Executable, bindparam, select, text
 from statemachine.event import Event
 from statemachine.exceptions import TransitionNotAllowed
 
-from orchestration import metrics
-from orchestration.db import Database
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, events_table, tasks_table, utcnow
+from orchestration.ops import metrics
 from orchestration.state_machine import TaskStateMachine, move_fields
+from orchestration.store.db import Database
 from orchestration.values import StoredJson, encode_payload, encode_result, storable_text
 
 log = get_logger("taskrail.transitions")

@@ -18,14 +18,14 @@ from celery import Celery
 from kombu import Exchange, Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from orchestration import (
+from orchestration import constants as c
+from orchestration.errors import BrokerUnavailable
+from orchestration.messaging import (
     codec,
     localbroker,  # noqa: F401  (registers the embedded transport)
     protocol,
     redisbroker,
 )
-from orchestration import constants as c
-from orchestration.errors import BrokerUnavailable
 from orchestration.redact import redact_text, redact_url
 from orchestration.settings import Settings
 
@@ -82,7 +82,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
-        # Task events for Flower: JSON too, encoded by orjson (orchestration.codec).
+        # Task events for Flower: JSON too, encoded by orjson (orchestration.messaging.codec).
         "event_serializer": codec.EVENTS_SERIALIZER,
         "result_backend": None,
         "task_ignore_result": True,
@@ -173,7 +173,7 @@ PUBLISH_BATCH = 1000
 class Dispatcher:
     """Publishes hop messages by task name.
 
-    On taskrail's Redis transport a hop message is built by :mod:`orchestration.protocol`
+    On taskrail's Redis transport a hop message is built by :mod:`orchestration.messaging.protocol`
     and pushed straight onto its queue (one LPUSH, or one pipeline for many); on any
     other broker it goes through ``Celery.send_task``. Both produce the same message.
     Safe to share between threads.

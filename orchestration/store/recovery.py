@@ -40,9 +40,8 @@ from sqlalchemy import Executable, bindparam, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from orchestration import constants as c
-from orchestration.db import Database
-from orchestration.dispatch import Dispatcher
 from orchestration.logging import get_logger
+from orchestration.messaging.dispatch import Dispatcher
 from orchestration.models import (
     ACTIVE_STATUSES,
     TaskStatus,
@@ -50,6 +49,7 @@ from orchestration.models import (
     tasks_table,
     utcnow,
 )
+from orchestration.store.db import Database
 
 log = get_logger("taskrail.recovery")
 

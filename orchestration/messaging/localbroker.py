@@ -8,7 +8,7 @@ start with a zero-padded microsecond timestamp so that name order is arrival ord
 
 A queue file that is not a kombu envelope (kombu's ``_get`` raises out of the
 worker's loop on it) is kept as a dead letter in ``dead/`` beside the queue folder
-(:mod:`orchestration.deadletters`), and the next file is taken.
+(:mod:`orchestration.messaging.deadletters`), and the next file is taken.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from kombu.transport import TRANSPORT_ALIASES, filesystem
 from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 
-from orchestration.deadletters import (
+from orchestration.errors import NotAHop
+from orchestration.messaging.deadletters import (
     FileDeadLetters,
     dead_letter,
     decode_envelope,
     file_store_beside,
 )
-from orchestration.errors import NotAHop
 
 SCHEME = "taskrailfs"
 

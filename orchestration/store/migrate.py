@@ -1,4 +1,4 @@
-"""Alembic, driven from code: the migrations live in ``orchestration/migrations``."""
+"""Alembic, driven from code: the migrations live in ``orchestration/store/migrations``."""
 
 from __future__ import annotations
 

@@ -29,7 +29,6 @@ from sqlalchemy import ColumnClause, Integer, and_, bindparam, case, column, fun
 
 from orchestration import constants as c
 from orchestration.agents import registry
-from orchestration.db import Database
 from orchestration.models import (
     ACTIVE_STATUSES,
     RESTING_STATUSES,
@@ -38,7 +37,8 @@ from orchestration.models import (
     tasks_table,
     utcnow,
 )
-from orchestration.recovery import (
+from orchestration.store.db import Database
+from orchestration.store.recovery import (
     PRECLAIM_PARAMS,
     PRECLAIMED,
     SweepRecord,

@@ -303,7 +303,7 @@ class Database:
         """
         if self._schema_ok:
             return
-        from orchestration import migrate
+        from orchestration.store import migrate
 
         with self._schema_lock:  # the threads of a threads pool check once, not each
             if self._schema_ok:
@@ -323,7 +323,7 @@ class Database:
         self._schema_ok = True
 
     def _upgrade(self) -> None:
-        from orchestration import migrate
+        from orchestration.store import migrate
 
         with self._migration_lock():
             if self.timeouts.statement_s or self.timeouts.lock_s:

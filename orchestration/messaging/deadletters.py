@@ -46,9 +46,9 @@ import orjson
 import redis
 
 from orchestration import constants as c
-from orchestration.codec import loads
 from orchestration.errors import BrokerUnavailable, NotAHop
 from orchestration.logging import get_logger
+from orchestration.messaging.codec import loads
 from orchestration.redact import redact_text, redact_url
 from orchestration.settings import Settings
 

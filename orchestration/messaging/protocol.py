@@ -6,7 +6,7 @@ all of which are the same for every hop. :func:`envelope` builds the same messag
 a worker receives from ``send_task`` (the headers, properties and body that
 ``celery.app.amqp.AMQP.as_task_v2`` makes, in kombu's virtual-transport envelope)
 from the few things that vary: task name, arguments, queue, countdown, time limits.
-:mod:`orchestration.redisbroker` pushes it onto the queue.
+:mod:`orchestration.messaging.redisbroker` pushes it onto the queue.
 
 The message format is Celery's documented protocol 2; the hop arguments are JSON
 (the only serializer the workers accept). Messages sent from inside a hop carry

@@ -1,14 +1,14 @@
 """The metrics endpoint behind ``taskrail metrics``: Prometheus text over HTTP, basic auth.
 
 At each scrape it adds up the samples every worker process wrote to
-``PROMETHEUS_MULTIPROC_DIR`` (:mod:`orchestration.metrics`) and reads from the database:
+``PROMETHEUS_MULTIPROC_DIR`` (:mod:`orchestration.ops.metrics`) and reads from the database:
 
 - ``taskrail_tasks{state}``: tasks in each state;
 - ``taskrail_tasks_stuck``: active tasks with nothing in flight (what the sweeper
   re-drives), ``taskrail_tasks_stuck_preclaimed`` those of them whose execute message
   is still queued or lost, ``taskrail_tasks_over_time_limit`` (in_progress under a live
   lease for longer than the agent's time limit) and ``taskrail_tasks_deferred`` (an open
-  breaker or a retry backoff): :mod:`orchestration.status`;
+  breaker or a retry backoff): :mod:`orchestration.ops.status`;
 - ``taskrail_sweeper_last_run_timestamp_seconds``, ``..._age_seconds``,
   ``..._redriven`` and ``..._duration_seconds``: the sweeper's last pass (absent if it
   never ran), and ``taskrail_sweeper_late``: 1 when it has not run for
@@ -32,11 +32,11 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from orchestration import constants as c
-from orchestration.db import Database
 from orchestration.errors import ConfigurationError
 from orchestration.logging import get_logger
-from orchestration.metrics import multiprocess_dir
-from orchestration.status import categories, counts_by_state, sweeper_status
+from orchestration.ops.metrics import multiprocess_dir
+from orchestration.ops.status import categories, counts_by_state, sweeper_status
+from orchestration.store.db import Database
 
 log = get_logger("taskrail.metrics")
 
