@@ -26,7 +26,7 @@ from orchestration.ops import metrics
 from orchestration.redact import redact_text
 from orchestration.settings import Settings, get_settings
 from orchestration.store.db import ConnectionTimeouts, Database
-from orchestration.store.leases import LeaseKeeper
+from orchestration.store.keeper import LeaseKeeper
 
 log = get_logger("taskrail.worker")
 
