@@ -1,8 +1,9 @@
 """Helpers shared by bench/submit.py and bench/lifecycle.py (not a benchmark itself).
 
 Everything here reads the servers from outside: a fresh Postgres database, a Redis
-database of the benchmark's own, server-side counters (pg_stat_database,
-pg_stat_user_tables, Redis MONITOR filtered by database) and /proc for worker CPU and RSS.
+server of the benchmark's own (started here unless BENCH_REDIS names one), server-side
+counters (pg_stat_database, pg_stat_user_tables, Redis MONITOR filtered by database)
+and /proc for worker CPU and RSS.
 """
 
 from __future__ import annotations
@@ -28,11 +29,65 @@ import redis
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the process that started it dies."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def start_own_redis() -> str:
+    """Start a ``redis-server`` of the benchmark's own on a free loopback port.
+
+    Nothing on disk; stopped when this process exits. Returns its URL without a
+    database number. The benchmark flushes and fills only servers it started.
+    """
+    import atexit
+
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+    )  # fmt: skip
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    atexit.register(stop)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            redis.Redis(port=port, socket_connect_timeout=0.2).ping()
+            break
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"could not start redis-server on port {port}") from None
+            time.sleep(0.05)
+    url = f"redis://127.0.0.1:{port}"
+    os.environ["BENCH_REDIS"] = url  # scripts and workers started from here use it too
+    return url
+
+
 PG_HOST = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
-REDIS_HOST = os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379")
+# The Redis server the benchmark flushes and fills: bench/run starts one of its own and
+# passes it in BENCH_REDIS; a script run alone starts its own. Never the shared 6379.
+REDIS_HOST = os.environ.get("BENCH_REDIS") or start_own_redis()
 DB_NAME = os.environ.get("BENCH_DB_NAME", "bench_taskrail")
-# Redis database numbers of the benchmark's own (the tests use 9 and 10, the shared
-# baseline scripts 11-15).
+# Redis database numbers of the benchmark's own server, one per role.
 REDIS_DB_SUBMIT = 3
 REDIS_DB_TASKRAIL = 4
 REDIS_DB_BREAKERS = 5
@@ -76,6 +131,7 @@ def fresh_database(db: str = DB_NAME, migrate: bool = True) -> None:
 
 
 def flush_redis(db: int) -> redis.Redis:
+    """A client of database ``db`` of the benchmark's own Redis, emptied first."""
     client = redis.Redis.from_url(redis_url(db))
     client.flushdb()
     return client
@@ -169,10 +225,20 @@ def cpu_s(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def _cmdline_has(pid: str, text: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return text in fh.read()
+    except OSError:
+        return False
+
+
 def servers_cpu_s(names: tuple[str, ...] = ("postgres", "redis-server")) -> dict[str, float]:
     """CPU seconds used so far by every process whose name is one of ``names`` (the
-    database's backends, the Redis server), by name."""
+    database's backends, the Redis server), by name; of the ``redis-server``
+    processes only the benchmark's own (its title names the port)."""
     out = dict.fromkeys(names, 0.0)
+    own_redis = f":{urlsplit(REDIS_HOST).port}".encode()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -182,6 +248,8 @@ def servers_cpu_s(names: tuple[str, ...] = ("postgres", "redis-server")) -> dict
         except OSError:
             continue
         name = head.split("(", 1)[1]
+        if name == "redis-server" and not _cmdline_has(entry, own_redis):
+            continue
         if name in out:
             fields = tail.split()
             out[name] += (int(fields[11]) + int(fields[12])) / CLK_TCK

@@ -8,9 +8,10 @@ measured against. Same Celery settings as the reference: JSON, acks_late,
 prefetch multiplier 4 (PREFETCH), results ignored.
 
 Deliberate differences from the reference, none of which touches a hop:
-- BROKER and DSN default to the benchmark's own Redis database (6) and Postgres
-  database (bench_taskrail) instead of redis db 15 and the ``postgres`` database;
-  ``bench/lifecycle.py`` sets both explicitly anyway.
+- BROKER and DSN default to database 6 of the benchmark's own Redis server
+  (BENCH_REDIS) and the Postgres database bench_taskrail instead of redis db 15 of
+  the shared server and the ``postgres`` database; ``bench/lifecycle.py`` sets both
+  explicitly anyway.
 - WORK_MS (default 0) makes ``complete`` sleep that long before its update: the I/O
   workload of bench/io.py, a handler waiting on an outside call. 0 leaves the
   reference's task as it is.
@@ -30,7 +31,16 @@ import time
 import psycopg
 from celery import Celery
 
-BROKER = os.environ.get("BROKER", "redis://127.0.0.1:6379/6")
+
+def _own_redis(db: int) -> str:
+    """Database ``db`` of the benchmark's own Redis (BENCH_REDIS, set by bench/run)."""
+    base = os.environ.get("BENCH_REDIS")
+    if not base:
+        raise SystemExit("set BROKER or BENCH_REDIS to a Redis of the benchmark's own")
+    return f"{base}/{db}"
+
+
+BROKER = os.environ.get("BROKER") or _own_redis(6)
 DSN = os.environ.get("DSN", "postgresql://postgres@127.0.0.1:5432/bench_taskrail")
 app = Celery("naive", broker=BROKER)
 app.conf.update(

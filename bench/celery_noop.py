@@ -3,7 +3,8 @@
 Same app settings as the reference (JSON, results ignored, prefetch multiplier 16 by
 default, no acks_late, task events off): each task increments a Redis counter, which
 the driver polls. Differences, none inside the task: the broker and counter databases
-come from BROKER and COUNTER (bench/lifecycle.py sets the benchmark's own), and the
+come from BROKER and COUNTER (bench/sides.py sets them to the benchmark's own Redis
+server), and the
 producer/timing loop lives in ``bench/sides.py`` beside the other sides'.
 
 The worker is ``celery -A celery_noop worker`` run from ``bench/``.
@@ -14,8 +15,17 @@ import os
 import redis
 from celery import Celery
 
-BROKER = os.environ.get("BROKER", "redis://127.0.0.1:6379/7")
-COUNTER = os.environ.get("COUNTER", "redis://127.0.0.1:6379/8")
+
+def _own_redis(db: int) -> str:
+    """Database ``db`` of the benchmark's own Redis (BENCH_REDIS, set by bench/run)."""
+    base = os.environ.get("BENCH_REDIS")
+    if not base:
+        raise SystemExit("set BROKER and COUNTER, or BENCH_REDIS, to the benchmark's own Redis")
+    return f"{base}/{db}"
+
+
+BROKER = os.environ.get("BROKER") or _own_redis(7)
+COUNTER = os.environ.get("COUNTER") or _own_redis(8)
 app = Celery("noop", broker=BROKER)
 app.conf.update(
     task_serializer="json",

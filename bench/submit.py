@@ -1,9 +1,9 @@
 """Producer throughput: tasks/s of ``submit`` one at a time and of ``submit_many``.
 
 Runs on Postgres (a fresh database, migrated with ``Database(url).upgrade()``) and
-Redis (a database of its own, flushed), because submitting inserts the task row
-and then publishes the first hop (``taskrail.assign``) to the broker. No worker runs:
-the messages pile up in the broker database, which is flushed at the end.
+the benchmark's own Redis server (``_common``), because submitting inserts the task
+row and then publishes the first hop (``taskrail.assign``) to the broker. No worker
+runs: the messages pile up in the broker database, which is flushed at the end.
 
 Figures:
 - ``submit``: one ``api.submit`` call per task (one INSERT transaction + one publish).
