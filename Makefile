@@ -27,6 +27,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check orchestration workers demo_agents tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: install
 	bench/run

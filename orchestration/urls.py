@@ -62,10 +62,20 @@ def check_database_url(url: str) -> str:
     return url
 
 
+# kombu's transport names (kombu.transport.TRANSPORT_ALIASES; a test keeps them equal)
+# and taskrail's own: the domain does not import the transport to check a URL.
+TRANSPORT_ALIASES = frozenset(
+    {
+        "SLMQ", "SQS", "amqp", "amqps", "azureservicebus", "azurestoragequeues",
+        "confluentkafka", "consul", "etcd", "filesystem", "gcpubsub", "kafka", "librabbitmq",
+        "memory", "mongodb", "pgmq", "pyamqp", "pyro", "qpid", "redis", "rediss", "sentinel",
+        "slmq", "sqla", "sqlalchemy", "sqs", "zookeeper", "taskrail-redis", "taskrailfs",
+    }
+)  # fmt: skip
+
+
 def check_broker_url(url: str) -> str:
     """``url`` if it names a transport Celery knows, each failover URL with a valid port."""
-    from kombu.transport import TRANSPORT_ALIASES
-
     for part in url.split(";"):
         scheme = _scheme(part.strip(), "redis://host:6379/0 or amqp://user@host//")
         base = scheme.partition("+")[0]

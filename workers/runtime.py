@@ -20,8 +20,7 @@ from orchestration.agents import AgentSpec, Escalate, PermanentError, load_agent
 from orchestration.breakers import BreakerBoard, SharedBreaker
 from orchestration.errors import TaskrailError
 from orchestration.logging import get_logger
-from orchestration.messaging import redisbroker
-from orchestration.messaging.dispatch import Dispatcher
+from orchestration.messaging.dispatch import Dispatcher, flush_deferred_pushes
 from orchestration.ops import metrics
 from orchestration.redact import redact_text
 from orchestration.settings import Settings, get_settings
@@ -137,7 +136,7 @@ def _forget_parent_runtime(**_: object) -> None:
 @signals.worker_shutdown.connect
 def _flush_held_pushes(**_: object) -> None:
     # Hop messages held for a loop turn that will not come (orchestration.messaging.redisbroker).
-    redisbroker.flush_deferred_pushes()
+    flush_deferred_pushes()
 
 
 def check_can_work(settings: Settings) -> None:

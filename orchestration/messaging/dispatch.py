@@ -151,6 +151,13 @@ def publish_retry_policy(max_wait_s: float) -> dict[str, Any]:
     }
 
 
+def flush_deferred_pushes() -> None:
+    """Send the hop messages this process holds for its event loop's next turn (a worker
+    calls this when it shuts down: that turn will not come). Never raises: a message
+    that cannot be sent is logged, and the sweeper re-drives its task."""
+    redisbroker.flush_deferred_pushes()
+
+
 def make_celery(settings: Settings, main: str = "taskrail") -> Celery:
     codec.install()
     app = Celery(main, set_as_current=False)

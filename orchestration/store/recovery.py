@@ -34,14 +34,14 @@ import functools
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from sqlalchemy import Executable, bindparam, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from orchestration import constants as c
 from orchestration.logging import get_logger
-from orchestration.messaging.dispatch import Dispatcher
 from orchestration.models import (
     ACTIVE_STATUSES,
     TaskStatus,
@@ -81,6 +81,17 @@ SWEEPER_NAME = "sweeper"
 def stuck_condition(statuses: tuple[TaskStatus, ...] = ACTIVE_STATUSES) -> str:
     """The SQL condition of a stuck task (binds ``:cutoff`` and ``:now``)."""
     return _STUCK.format(statuses=", ".join(f"'{s.value}'" for s in statuses))
+
+
+class HopSender(Protocol):
+    """What the sweep sends through (``orchestration.messaging.dispatch.Dispatcher``):
+    the store does not import the transport."""
+
+    def send(self, hop: str, args: Sequence[Any]) -> None:
+        """Publish one hop message. Raises BrokerUnavailable."""
+
+    def queue_depth(self, queue: str) -> int | None:
+        """Messages waiting in ``queue``, or None if the transport cannot tell."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,9 +180,10 @@ def claim_stuck(
 
 
 def sweep(
-    db: Database, dispatcher: Dispatcher, *, redrive_after_s: float, batch: int
+    db: Database, dispatcher: HopSender, *, redrive_after_s: float, batch: int
 ) -> list[Redrive]:
-    """Claim stuck tasks and send the hop that drives each. Returns what was re-driven.
+    """Claim stuck tasks and send the hop that drives each through ``dispatcher``.
+    Returns what was re-driven.
 
     A message that cannot be sent stays claimed; the task is picked up again after
     ``redrive_after_s``. Raises BrokerUnavailable after claiming if the broker is down,
