@@ -83,13 +83,12 @@ DEFAULT_METRICS_HOST = "127.0.0.1"
 # Redis key prefixes (breaker state).
 BREAKER_KEY_PREFIX = "taskrail:breaker"
 
-# Pre-claimed executions (orchestration.store.leases.RunGuard): "N:run:<lease token>", set
-# once by the first execute hop that takes the lease, so a duplicate of its message
-# does not run the handler again. Kept for RUN_GUARD_TTL_FACTOR x the visibility
-# timeout: a redelivered message arrives within one.
+# Unused: the Redis run guard it named is gone; the database grants every handler run
+# (orchestration.store.leases.take).
 RUN_GUARD_KEY_SEGMENT = "run"
-# The same guarantee kept by taskrail's Redis transport on the broker itself: a message
-# with a once-token header is delivered once, "<broker key prefix>taskrail:once:<token>".
+# taskrail's Redis transport delivers a message with a once-token header
+# (redisbroker.ONCE_HEADER) once: "<broker key prefix>taskrail:once:<token>", kept for
+# RUN_GUARD_TTL_FACTOR x the visibility timeout. The hops send no such header any more.
 ONCE_KEY_PREFIX = "taskrail:once:"
 RUN_GUARD_TTL_FACTOR = 2
 
@@ -108,7 +107,7 @@ DEAD_LETTER_EXCERPT_CHARS = 200
 
 # Breakers (orchestration/breakers). With namespace N and breaker name B the keys are
 # "N:breaker:B" (hash: state, fail_count, epoch, opened_at_ms, next_trial_ms, fail_max,
-# reset_timeout_ms), "N:breaker-trial:B" (the half-open trial lease, SET NX PX) and
+# reset_timeout_ms, success_count), "N:breaker-trial:B" (the half-open trial lease, SET NX PX) and
 # "N:breakers" (set of every breaker name). With the default namespace the hashes sit
 # under BREAKER_KEY_PREFIX.
 DEFAULT_BREAKER_NAMESPACE = "taskrail"

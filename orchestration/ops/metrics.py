@@ -6,8 +6,8 @@
     metrics.hop_duration("execute", 0.012)               # workers.hops.hop_scope, per hop
     metrics.attempt("payroll_agent", "succeeded")         # the execute hop, per handler call
     metrics.deferral("payroll_agent")                     # the execute hop, per deferral
-    metrics.breaker_state("agent:payroll_agent", "open")  # the gauge, on every read
     metrics.breaker_changed("agent:payroll_agent", "open")  # gauge and counter, per change
+    metrics.breaker_state("agent:payroll_agent", "open")  # the gauge alone
 
 Prefork workers run each hop in a child process, so the counters live in
 prometheus-client's multiprocess mode: with ``PROMETHEUS_MULTIPROC_DIR`` set (before
@@ -171,7 +171,8 @@ def breaker_state(name: str, state: str) -> None:
 def breaker_changed(name: str, state: str) -> None:
     """Record that breaker ``name`` entered ``state``: sets the gauge, counts the change.
 
-    Call it once per change, where the change is made; :func:`breaker_state` for reads.
+    Call it once per change, where the change is made (the breaker board's
+    ``on_state_change``, in the process that made it).
     """
     breaker_state(name, state)
     try:

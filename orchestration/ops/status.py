@@ -83,8 +83,8 @@ def throughput(
     """Completed (by ``completed_at``), failed and escalated tasks in each window.
 
     A resting task's ``updated_at`` is the time of its last transition and is never
-    earlier than ``completed_at``, so the index on (status, updated_at) narrows the scan
-    to the widest window.
+    earlier than ``completed_at``, so filtering on ``updated_at`` from the widest
+    window's start keeps every task any window counts.
     """
     t = tasks_table.c
     now = now or utcnow()
