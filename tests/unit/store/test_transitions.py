@@ -285,7 +285,7 @@ def test_store_keeps_working_after_refusals_and_final_states(db: Database) -> No
 
 def _sent(status: TaskStatus, event: str) -> tuple[TaskStatus, dict[str, Any]]:
     """What a fresh machine's ``send`` does to a task in ``status``: target and fields."""
-    from tests.orchestration.test_state_machine_exhaustive import COLUMNS, _task
+    from tests.unit.domain.test_state_machine_exhaustive import COLUMNS, _task
 
     task = _task(status)
     before = {c: getattr(task, c) for c in COLUMNS}
@@ -300,7 +300,7 @@ def test_plan_gives_the_verdict_of_the_machines_send_on_every_pair() -> None:
     for every (state, event) it refuses what ``send`` refuses, with the same message,
     and otherwise gives the target and the field changes ``send`` makes."""
     from orchestration.store.transitions import plan
-    from tests.orchestration.test_state_machine_exhaustive import ALL_PAIRS, ALLOWED
+    from tests.unit.domain.test_state_machine_exhaustive import ALL_PAIRS, ALLOWED
 
     for status, event in [*ALL_PAIRS, (S.PENDING, "no_such_event")]:
         try:
