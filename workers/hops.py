@@ -9,7 +9,7 @@
                                           in_progress -> completed | failed | escalated,
                                           or another attempt later
 
-Each hop follows DESIGN.md "One hop": a message for a task that is not in the state
+Each hop follows docs/design.md "One hop": a message for a task that is not in the state
 the hop expects is a duplicate or stale and is dropped with an info line; the write
 is the transition store's compare-and-set plus audit event; the next hop is sent
 only after that commit. A crash between commit and send leaves a task with nothing

@@ -1,4 +1,4 @@
-"""Every (state, event) pair of the task lifecycle, checked against DESIGN.md's table.
+"""Every (state, event) pair of the task lifecycle, checked against docs/design.md's table.
 
 The table below is written out by hand from the design, not derived from the
 machine, so a change to the machine's transitions shows up as a failure here.
