@@ -1,27 +1,12 @@
 """What a task may hold, and how it is stored: one set of rules for producer, worker
 and transition store.
 
-**JSON values** (a payload, a result): objects (mappings) with string keys, arrays
-(lists or tuples; they read back as lists), strings, finite floats, integers from
--2**63 to 2**64-1, booleans and None; at most ``MAX_JSON_DEPTH`` levels of arrays and
-objects; at most ``MAX_PAYLOAD_BYTES`` / ``MAX_RESULT_BYTES`` as stored. Anything else
-is refused with the path of the first value at fault (``$.lines[3].amount``), never
-changed silently: ``{1: "a", "1": "b"}`` would lose a value as JSON, so it is refused.
-
-**Text PostgreSQL cannot hold** (NUL, which jsonb and text columns refuse; surrogate
-code points, which are not UTF-8) is escaped, reversibly: each of U+0000, U+D800 to
-U+DFFF and the escape character U+E000 itself is stored as U+E000 followed by its code
-point in four lower-case hex digits (``"a\\x00b"`` is stored as ``"a\\ue0000000b"``).
-:func:`read_json` and :func:`read_text` undo it; the API, the CLI and the worker's
-view of a task read through them. Other text is stored as it is.
-
-**Floats stay floats.** PostgreSQL's jsonb keeps numbers as decimals and prints
-``1e20`` back as ``100000000000000000000``, which any JSON reader takes for an
-integer; a float of 1e16 or more (in size) is therefore written out in full with
-``.0``. (-0.0 reads back as 0.0.)
-
-The encoders take orjson's answer where it is the same as the rules' (plain values,
-the common case) and walk the value in Python only when it is not.
+Payloads and results are JSON objects with string keys, integers in -2**63..2**64-1,
+finite floats and at most ``MAX_JSON_DEPTH`` levels, within ``MAX_PAYLOAD_BYTES`` /
+``MAX_RESULT_BYTES`` as stored; anything else is refused with the path of the first
+value at fault. NUL, surrogates and U+E000 are stored escaped as U+E000 plus four hex
+digits, undone by :func:`read_json` and :func:`read_text`. The rules and their reasons:
+docs/design.md, "Values".
 """
 
 from __future__ import annotations

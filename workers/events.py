@@ -1,12 +1,9 @@
 """Task events for Flower, sent in batches on a timer instead of on every loop turn.
 
-A Celery worker with an event loop buffers task events (``task-received``,
-``task-started``, ``task-succeeded`` ...) and flushes them on the next turn of the
-loop: with one message per turn that is a PUBLISH per hop or more, and the prefork
-main process spends more time on it than on anything else. This consumer step keeps
-every event and its order but flushes at most every ``FLUSH_INTERVAL_S`` (or when
-``BUFFER_LIMIT`` events are waiting), as one ``task.multi`` message that Flower and
-``celery events`` unpack as usual. Events reach Flower up to that much later.
+This consumer step keeps every event and its order but flushes at most every
+``FLUSH_INTERVAL_S`` (or when ``BUFFER_LIMIT`` events are waiting), as one
+``task.multi`` message that Flower and ``celery events`` unpack as usual. Events reach
+Flower up to that much later. Why: docs/design.md, "Performance choices".
 """
 
 from __future__ import annotations

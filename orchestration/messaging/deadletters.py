@@ -1,31 +1,12 @@
 """Dead letters: bytes on a taskrail queue that are not a valid hop, kept for an operator.
 
-Whatever arrives on ``taskrail.hops``, ``taskrail.execute`` or ``taskrail.control``
-and cannot be run as a hop (bytes that are not JSON, JSON that is not a kombu
-envelope, a body that is not base64 or not JSON, a content type other than JSON, an
-unregistered task, hop arguments that do not parse) is logged with its queue, a short
-redacted excerpt and the reason, and kept here; the worker goes on consuming.
-
-Where they are kept (:func:`store_for`):
-
-- a Redis broker: the list ``<broker key prefix>taskrail.dead`` on the broker's own
-  database, newest first;
-- the embedded default: one JSON file each in ``<data dir>/broker/dead/``;
-- any other broker (RabbitMQ): the same files under ``<data dir>/dead/`` on the
-  worker's machine.
-
-Each store keeps at most :data:`~orchestration.constants.DEAD_LETTER_MAX_ENTRIES`
-entries (the oldest go first), and each entry at most
-:data:`~orchestration.constants.DEAD_LETTER_MAX_RAW_BYTES` of the message, so garbage
-cannot fill the broker. An entry is a JSON object::
-
-    {"at": "2026-12-07T19:00:35.604Z", "queue": "taskrail.hops",
-     "reason": "not JSON", "worker": "host:1234",
-     "raw": "garbage", "encoding": "text", "size": 7, "truncated": false}
-
-``encoding`` is ``text`` (UTF-8, URL passwords masked) or ``base64`` (bytes that are
-not UTF-8); ``size`` is the message's length in bytes, ``truncated`` whether ``raw``
-holds less. ``taskrail dead`` lists them and ``taskrail dead purge`` removes them.
+Such bytes are logged (queue, a short redacted excerpt, the reason) and kept by the
+store :func:`store_for` picks: the list ``<broker key prefix>taskrail.dead`` on a Redis
+broker, JSON files under the data directory otherwise; at most
+``DEAD_LETTER_MAX_ENTRIES`` entries of at most ``DEAD_LETTER_MAX_RAW_BYTES`` each. An
+entry is a JSON object with ``at``, ``queue``, ``reason``, ``worker``, ``raw``,
+``encoding`` (``text`` or ``base64``), ``size`` and ``truncated``. ``taskrail dead``
+lists and purges them. Why: docs/design.md, "Dead letters".
 """
 
 from __future__ import annotations
