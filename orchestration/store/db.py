@@ -146,11 +146,10 @@ class Database:
                     ) from None
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            # A fixed set of connections, opened once and kept. With overflow, every
-            # burst of a threads worker (handlers that finish together) opened extra
-            # connections and closed them on return: a new server process, a login and
-            # re-prepared statements each time, hundreds per thousand tasks. A thread
-            # now waits for a free connection (statements are short) instead.
+            # A fixed set of connections, opened once and kept: with overflow, bursts of
+            # a threads worker opened and closed extra connections (a server process, a
+            # login, re-prepared statements each time). A thread waits for a free one
+            # instead (docs/design.md, "Performance choices").
             kwargs.update(
                 pool_size=pool_size,
                 max_overflow=0,
