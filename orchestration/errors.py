@@ -13,17 +13,23 @@
     │   ├── InvalidClientId        client id missing, not an integer, or outside 0 .. 2**63-1
     │   ├── TaskNotFound           no task with that id
     │   ├── NotRetryable           retry of a task that is not failed
-    │   └── NotAHop                bytes on a taskrail queue that are not a valid hop
+    │   ├── NotAHop                bytes on a taskrail queue that are not a valid hop
+    │   ├── MalformedMessage       a hop's arguments do not parse (dropped, never retried)
+    │   ├── InvalidNumber          an id typed at the CLI: not ASCII digits in 0..2**63-1
+    │   └── BreakerNotFound        an operator named no known breaker
     ├── InfrastructureError        a server taskrail needs is down or not ready
     │   ├── DatabaseUnavailable    the database cannot be reached
     │   ├── SchemaNotReady         the database has no (current) taskrail schema
     │   ├── BrokerUnavailable      the message broker cannot be reached
-    │   └── WriteConflict          concurrent writes kept conflicting (deadlock) after retries
+    │   ├── WriteConflict          concurrent writes kept conflicting (deadlock) after retries
+    │   ├── BreakerStateUnavailable  a breaker's shared state cannot be read: retry later
+    │   └── DemoFailed             ``taskrail demo``'s tasks stopped moving or its workers died
     ├── DatabaseRejected           the database refused a statement (constraint, data, SQL)
     └── ConfigurationError         settings or agent registration that cannot work
 
 Agents signal business outcomes with :class:`orchestration.agents.Escalate` and
-:class:`orchestration.agents.PermanentError`; those are not errors of taskrail's.
+:class:`orchestration.agents.PermanentError`; those are not errors of taskrail's, and
+neither is :class:`orchestration.breakers.BreakerOpen` (a refusal the hop defers on).
 Invalid lifecycle moves raise python-statemachine's ``TransitionNotAllowed``.
 
 Each exception carries its facts as attributes (``task_id``, ``status``, ...) and
@@ -33,7 +39,12 @@ Each exception carries its facts as attributes (``task_id``, ``status``, ...) an
 from __future__ import annotations
 
 import reprlib
+from pathlib import Path
 from typing import Any
+
+# The largest id the database's BIGINT holds (task and client ids).
+MAX_ID = 2**63 - 1
+MAX_SHOWN_INPUT = 40
 
 _repr = reprlib.Repr()
 _repr.maxstring = _repr.maxother = _repr.maxlong = 60
@@ -45,6 +56,13 @@ def short_repr(value: object) -> str:
         return _repr.repr(value)
     except Exception:  # a broken __repr__ must not hide the error being reported
         return f"<{type(value).__name__}>"
+
+
+def shown_input(value: str) -> str:
+    """``value`` quoted for an error line: escaped (repr) and cut to a readable length."""
+    if len(value) > MAX_SHOWN_INPUT:
+        return repr(value[:MAX_SHOWN_INPUT]) + f"... ({len(value)} characters)"
+    return repr(value)
 
 
 class TaskrailError(Exception):
@@ -136,6 +154,37 @@ class NotAHop(InputError):
         super().__init__(f"not a valid hop message: {reason}")
 
 
+class MalformedMessage(InputError):
+    """A hop message whose arguments do not parse: dropped, never retried."""
+
+    def __init__(self, hop: str, reason: str) -> None:
+        self.hop = hop
+        self.reason = reason
+        super().__init__(f"malformed {hop} message: {reason}")
+
+
+class InvalidNumber(InputError):
+    """A task or client id that is not ASCII digits in 0..2**63-1."""
+
+    def __init__(self, what: str, value: str) -> None:
+        self.what = what
+        self.value = value
+        super().__init__(
+            f"{what} must be an integer from 0 to {MAX_ID} in ASCII digits, "
+            f"got {shown_input(value)}"
+        )
+
+
+class BreakerNotFound(InputError, LookupError):
+    """An operator named a breaker that no process has registered."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        listed = ", ".join(self.known) if self.known else "none registered"
+        super().__init__(f"no breaker named {name!r}; known breakers: {listed}")
+
+
 class InfrastructureError(TaskrailError):
     """A server taskrail needs is unavailable."""
 
@@ -173,6 +222,35 @@ class WriteConflict(InfrastructureError):
         self.detail = detail
         msg = f"concurrent writes at {where} kept conflicting after {attempts} attempts"
         super().__init__(f"{msg}: {detail}; try again" if detail else f"{msg}; try again")
+
+
+class BreakerStateUnavailable(InfrastructureError):
+    """The breaker's shared state cannot be read or changed (Redis is down).
+
+    Raised instead of calling the downstream without protection: retry the hop later.
+    """
+
+    def __init__(self, name: str, where: str, detail: str = "") -> None:
+        self.name = name
+        self.where = where
+        self.detail = detail
+        msg = f"state of breaker {name} unavailable at {where}"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+
+
+class DemoFailed(InfrastructureError):
+    """The demo's tasks stopped moving (or its workers died); says why and where to look."""
+
+    def __init__(self, reason: str, first_error: str | None, logs: Path | None) -> None:
+        self.reason = reason
+        self.first_error = first_error
+        self.logs = str(logs) if logs else None
+        msg = reason
+        if first_error:
+            msg += f"; first worker error: {first_error}"
+        if logs:
+            msg += f" (worker logs kept in {logs})"
+        super().__init__(msg)
 
 
 class DatabaseRejected(TaskrailError):

@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from orchestration.errors import InputError
+from orchestration.errors import MalformedMessage
 
-
-class MalformedMessage(InputError):
-    def __init__(self, hop: str, reason: str) -> None:
-        self.hop = hop
-        self.reason = reason
-        super().__init__(f"malformed {hop} message: {reason}")
+__all__ = [  # MalformedMessage lives in orchestration.errors
+    "MalformedMessage",
+    "agent_name",
+    "attempts",
+    "lease_token",
+    "parse",
+    "task_id",
+    "task_type",
+]
 
 
 def _int(hop: str, name: str, value: Any) -> int:

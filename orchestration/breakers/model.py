@@ -1,4 +1,5 @@
-"""The breakers' value types and exceptions: what callers catch and what operators see."""
+"""The breakers' value types and their refusal, :class:`BreakerOpen`: what callers catch
+and what operators see. Their errors are in :mod:`orchestration.errors`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,22 @@ from typing import Any
 
 import pybreaker
 
-from orchestration.errors import InfrastructureError, InputError
+from orchestration.errors import BreakerNotFound, BreakerStateUnavailable
+
+__all__ = [  # the two errors live in orchestration.errors; orchestration.breakers re-exports
+    "STATE_CLOSED",
+    "STATE_HALF_OPEN",
+    "STATE_OPEN",
+    "BreakerInfo",
+    "BreakerNotFound",
+    "BreakerOpen",
+    "BreakerStateChange",
+    "BreakerStateUnavailable",
+    "Permit",
+    "Reply",
+    "Snapshot",
+    "ms_to_datetime",
+]
 
 STATE_CLOSED = pybreaker.STATE_CLOSED
 STATE_OPEN = pybreaker.STATE_OPEN
@@ -48,30 +64,6 @@ class BreakerOpen(pybreaker.CircuitBreakerError):
             "remaining_s": round(self.remaining_s, 3),
             "opened_at": self.opened_at.isoformat() if self.opened_at else None,
         }
-
-
-class BreakerStateUnavailable(InfrastructureError):
-    """The breaker's shared state cannot be read or changed (Redis is down).
-
-    Raised instead of calling the downstream without protection: retry the hop later.
-    """
-
-    def __init__(self, name: str, where: str, detail: str = "") -> None:
-        self.name = name
-        self.where = where
-        self.detail = detail
-        msg = f"state of breaker {name} unavailable at {where}"
-        super().__init__(f"{msg}: {detail}" if detail else msg)
-
-
-class BreakerNotFound(InputError, LookupError):
-    """An operator named a breaker that no process has registered."""
-
-    def __init__(self, name: str, known: list[str]) -> None:
-        self.name = name
-        self.known = sorted(known)
-        listed = ", ".join(self.known) if self.known else "none registered"
-        super().__init__(f"no breaker named {name!r}; known breakers: {listed}")
 
 
 @dataclass(frozen=True, slots=True)

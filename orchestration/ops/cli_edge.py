@@ -20,35 +20,20 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from orchestration.errors import ConfigurationError, InputError, TaskrailError
+from orchestration.errors import (
+    MAX_ID,
+    ConfigurationError,
+    InputError,
+    InvalidNumber,
+    TaskrailError,
+)
 from orchestration.redact import redact_text
 
-MAX_ID = 2**63 - 1
 # Width of output that is not a terminal: wide enough that no id, name or timestamp is
 # cut; a terminal's own width is used (and long cells fold onto the next line).
 PIPE_WIDTH = 100_000
-MAX_SHOWN_INPUT = 40
 MAX_ERROR_CHARS = 500
 DEBUG_HINT = "set TASKRAIL_LOG_LEVEL=DEBUG for details"
-
-
-class InvalidNumber(InputError):
-    """A task or client id that is not ASCII digits in 0..2**63-1."""
-
-    def __init__(self, what: str, value: str) -> None:
-        self.what = what
-        self.value = value
-        super().__init__(
-            f"{what} must be an integer from 0 to {MAX_ID} in ASCII digits, "
-            f"got {shown_input(value)}"
-        )
-
-
-def shown_input(value: str) -> str:
-    """``value`` quoted for an error line: escaped (repr) and cut to a readable length."""
-    if len(value) > MAX_SHOWN_INPUT:
-        return repr(value[:MAX_SHOWN_INPUT]) + f"... ({len(value)} characters)"
-    return repr(value)
 
 
 _ASCII_DIGITS = re.compile(r"[0-9]+")

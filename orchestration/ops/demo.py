@@ -1,14 +1,13 @@
 """``taskrail demo``: submit demo tasks, drive them to a final state, show the outcome.
 
-With no servers configured it runs an in-process worker on the embedded default;
-with ``TASKRAIL_BROKER_URL`` set it starts real ``celery -A workers worker``
-processes (or uses the ones already running with ``--no-spawn``).
+It starts ``celery -A workers worker`` processes of its own (one with a thread pool on
+the embedded default, ``spawn`` with servers), or uses the ones already running
+(``spawn=0``). It never imports ``workers``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import shutil
 import signal
@@ -27,7 +26,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from orchestration.api import NewTask, Taskrail
-from orchestration.errors import InfrastructureError
+from orchestration.errors import DemoFailed
 from orchestration.models import RESTING_STATUSES, tasks_table
 from orchestration.redact import redact_text
 
@@ -37,21 +36,6 @@ DEFAULT_STALL_S = 15.0
 # A worker log line that says something went wrong (stdlib or structlog JSON).
 _ERROR_MARKS = ("ERROR ", "CRITICAL ", '"level": "error"', '"level": "critical"', "Traceback")
 MAX_LINE_CHARS = 400
-
-
-class DemoFailed(InfrastructureError):
-    """The demo's tasks stopped moving (or its workers died); says why and where to look."""
-
-    def __init__(self, reason: str, first_error: str | None, logs: Path | None) -> None:
-        self.reason = reason
-        self.first_error = first_error
-        self.logs = str(logs) if logs else None
-        msg = reason
-        if first_error:
-            msg += f"; first worker error: {first_error}"
-        if logs:
-            msg += f" (worker logs kept in {logs})"
-        super().__init__(msg)
 
 
 @dataclass
@@ -102,7 +86,7 @@ def _resting_counts(trail: Taskrail, ids: list[int]) -> tuple[dict[str, int], tu
 
 @dataclass
 class _Fleet:
-    """The worker processes the demo started (none on the embedded default)."""
+    """The worker processes the demo started (none with ``spawn=0``)."""
 
     procs: list[subprocess.Popen[bytes]]
     logs: Path | None
@@ -146,41 +130,48 @@ def _check_servers(trail: Taskrail) -> None:
             client.close()
 
 
+def worker_command(index: int, embedded: bool) -> list[str]:
+    """The ``celery -A workers worker`` command line of the demo's worker ``index``.
+
+    On the embedded default one process runs the hops on threads (one SQLite writer
+    process); on servers each process runs two.
+    """
+    command = [
+        str(Path(sys.executable).with_name("celery")),
+        "-A",
+        "workers",
+        "worker",
+        "-n",
+        f"demo{index}@%h",
+        "-l",
+        "WARNING",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if embedded:
+        return [*command, "-P", "threads", "-c", "4", "--without-heartbeat"]
+    return [*command, "-c", "2"]
+
+
 @contextlib.contextmanager
 def _workers(trail: Taskrail, spawn: int) -> Iterator[_Fleet]:
-    settings = trail.settings
-    if settings.embedded:
-        embedded = importlib.import_module("workers.embedded")
-        celery_app = importlib.import_module("workers").app
-        with embedded.embedded_worker(celery_app, concurrency=4):
-            yield _Fleet([], None)
-        return
+    """Start ``spawn`` worker processes (one on the embedded default) for the block.
+
+    The demo starts workers as any operator would: it never imports ``workers``.
+    """
+    embedded = trail.settings.embedded
     if spawn <= 0:
         yield _Fleet([], None)
         return
     procs = []
     logs = Path(tempfile.mkdtemp(prefix="taskrail-demo-"))
     keep_logs = False
-    celery = str(Path(sys.executable).with_name("celery"))
-    for i in range(spawn):
+    for i in range(1 if embedded else spawn):
         log = open(logs / f"worker{i}.log", "wb")  # noqa: SIM115 - closed below
         procs.append(
             (
                 subprocess.Popen(
-                    [
-                        celery,
-                        "-A",
-                        "workers",
-                        "worker",
-                        "-n",
-                        f"demo{i}@%h",
-                        "-c",
-                        "2",
-                        "-l",
-                        "WARNING",
-                        "--without-gossip",
-                        "--without-mingle",
-                    ],
+                    worker_command(i, embedded),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
@@ -239,10 +230,8 @@ def run_demo(
     try:
         _check_servers(trail)
         with _workers(trail, spawn) as fleet:
-            started = time.perf_counter()
             ids = trail.submit_many(items)
-            counts = _wait(trail, ids, fleet, console, show_progress, timeout_s, stall_s)
-            elapsed = time.perf_counter() - started
+            counts, elapsed = _wait(trail, ids, fleet, console, show_progress, timeout_s, stall_s)
     finally:
         trail.close()
     return DemoResult(n, counts, expected, elapsed)
@@ -256,11 +245,14 @@ def _wait(
     show_progress: bool,
     timeout_s: float,
     stall_s: float,
-) -> dict[str, int]:
-    """Poll until every task rests; the progress bar shows the counts. Raises DemoFailed."""
+) -> tuple[dict[str, int], float]:
+    """Poll until every task rests; the progress bar shows the counts. Returns the counts
+    and the seconds from the first poll that saw a task move (the workers' start-up left
+    out) to the one that saw them all at rest. Raises DemoFailed."""
     n = len(ids)
     started = last_move = time.perf_counter()
     mark: tuple[Any, ...] = ()
+    first_move: float | None = None
     progress = Progress(
         TextColumn("[bold]demo"),
         BarColumn(),
@@ -277,9 +269,11 @@ def _wait(
             done = sum(counts.get(s.value, 0) for s in RESTING_STATUSES)
             detail = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
             progress.update(bar, completed=done, detail=detail)
-            if done >= n:
-                return counts
             now = time.perf_counter()
+            if done >= n:  # moved before the first poll that saw a move: count from submit
+                return counts, now - (first_move or started)
+            if first_move is None and counts.get("pending", 0) < n:
+                first_move = now
             if now_mark != mark:
                 mark, last_move = now_mark, now
             dead = fleet.dead()

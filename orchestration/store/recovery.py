@@ -32,9 +32,9 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from collections.abc import Sequence
 from typing import Any, Protocol
 
 from sqlalchemy import Executable, bindparam, select, text

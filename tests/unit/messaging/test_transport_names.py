@@ -11,4 +11,4 @@ from orchestration import urls
 def test_settings_know_every_transport_kombu_knows() -> None:
     # Given kombu's registry after taskrail registered its own transports
     # Then the domain's copy (it checks a broker URL without importing kombu) is the same
-    assert urls.TRANSPORT_ALIASES == frozenset(TRANSPORT_ALIASES)
+    assert frozenset(TRANSPORT_ALIASES) == urls.TRANSPORT_ALIASES
