@@ -15,6 +15,7 @@ from redis.retry import Retry
 
 from orchestration import constants as c
 from orchestration.breakers.breaker import SharedBreaker
+from orchestration.breakers.memory import MemoryBreakerStorage
 from orchestration.breakers.model import (
     STATE_OPEN,
     BreakerInfo,
@@ -24,7 +25,6 @@ from orchestration.breakers.model import (
 )
 from orchestration.breakers.storage import (
     CountingRedis,
-    MemoryBreakerStorage,
     RedisBreakerStorage,
     Scripts,
     redis_infos,
@@ -46,7 +46,9 @@ class BreakerBoard:
     (``decode_responses`` either way is fine). No connection is made until a breaker is
     used. ``on_state_change`` is called once, in the process that made it, for every
     transition (closed->open, open->half-open, half-open->closed/open, reset); its
-    exceptions are logged, never raised.
+    exceptions are logged, never raised. ``clock`` (epoch seconds; tests) replaces the
+    clocks the breakers read: Redis's ``TIME`` (the scripts get the time as an
+    argument), ``time.time`` in memory and ``time.monotonic`` for the cached views.
     """
 
     def __init__(
@@ -58,8 +60,10 @@ class BreakerBoard:
         trial_lease_s: float = c.DEFAULT_BREAKER_TRIAL_LEASE_S,
         on_state_change: StateChangeHook | None = None,
         redis_options: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.namespace = namespace
+        self.clock = clock
         self.trial_lease_s = trial_lease_s
         self.on_state_change = on_state_change
         self._lock = threading.Lock()
@@ -136,14 +140,17 @@ class BreakerBoard:
                 exclude=tuple(exclude),
                 trial_lease_s=lease_s,
                 cache_ttl_s=self.cache_ttl_s,
+                clock=self.clock,
             )
             self._breakers[name] = made
             return made
 
     def _storage(self, name: str) -> RedisBreakerStorage | MemoryBreakerStorage:
         if self._client is None or self._scripts is None:
-            return self._memory.setdefault(name, MemoryBreakerStorage(name))
-        return RedisBreakerStorage(self._client, self._scripts, self.namespace, name)
+            return self._memory.setdefault(name, MemoryBreakerStorage(name, clock=self.clock))
+        return RedisBreakerStorage(
+            self._client, self._scripts, self.namespace, name, clock=self.clock
+        )
 
     def list(self) -> list[BreakerInfo]:
         """Every breaker known to the storage (in Redis: registered by any process), by name.

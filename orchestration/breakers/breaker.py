@@ -2,8 +2,8 @@
 
 The call path is split in three (``before_call`` -> the caller's own call ->
 ``on_success``/``on_failure``) so no lock is ever held while the downstream runs, and so
-the execute hop can turn a refusal into a deferral. :class:`_Circuit` is the pybreaker
-``CircuitBreaker`` underneath: it holds the configuration (``fail_max``,
+the execute hop can turn a refusal into a deferral. :class:`.circuit.Circuit` is the
+pybreaker ``CircuitBreaker`` underneath: it holds the configuration (``fail_max``,
 ``reset_timeout``, excluded exceptions, listeners) and routes pybreaker's own entry
 points (``call``, the decorator, ``calling()``, ``open()``/``close()``) to the shared,
 atomic path.
@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pybreaker
 from redis.exceptions import RedisError
 
+from orchestration.breakers.circuit import Circuit
 from orchestration.breakers.model import (
     STATE_CLOSED,
     STATE_OPEN,
@@ -52,7 +53,6 @@ from orchestration.breakers.model import (
     ms_to_datetime,
 )
 from orchestration.breakers.storage import BreakerStorage
-from orchestration.errors import ConfigurationError
 from orchestration.logging import get_logger
 
 if TYPE_CHECKING:
@@ -86,8 +86,10 @@ class SharedBreaker:
         exclude: tuple[type[BaseException], ...],
         trial_lease_s: float,
         cache_ttl_s: float,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.name = name
+        self._mono = clock or time.monotonic  # ages the cached view
         self._board = board
         self._storage = storage
         self._cache_ttl_s = cache_ttl_s
@@ -95,7 +97,7 @@ class SharedBreaker:
         self._snap: Snapshot | None = None
         self._snap_lock = threading.Lock()  # guards only the swap of the cached view
         self._registered = False
-        self.circuit = _Circuit(
+        self.circuit = Circuit(
             self, fail_max=fail_max, reset_timeout=reset_timeout_s, exclude=exclude, name=name
         )
         self.circuit._state_storage = storage  # type: ignore[assignment]
@@ -151,7 +153,7 @@ class SharedBreaker:
 
     def _current(self) -> Snapshot:
         snap = self._snap
-        if snap is not None and time.monotonic() - snap.read_mono < self._cache_ttl_s:
+        if snap is not None and self._mono() - snap.read_mono < self._cache_ttl_s:
             return snap
         register = not self._registered
         reply = self._ask(
@@ -245,7 +247,7 @@ class SharedBreaker:
         if snap.state == STATE_CLOSED:
             return Permit(self.name, trial=False, epoch=snap.epoch)
         if snap.state == STATE_OPEN:
-            remaining_s = snap.remaining_s(time.monotonic())
+            remaining_s = snap.remaining_s(self._mono())
             if remaining_s > 0:
                 raise BreakerOpen(self.name, remaining_s, ms_to_datetime(snap.opened_at_ms))
         token = uuid.uuid4().hex
@@ -403,90 +405,3 @@ class SharedBreaker:
 
     def __repr__(self) -> str:
         return f"<SharedBreaker {self.name} fail_max={self.fail_max}>"
-
-
-class _Circuit(pybreaker.CircuitBreaker):
-    """pybreaker's CircuitBreaker, configured as usual, driven through SharedBreaker.
-
-    Stock ``call`` holds ``self._lock`` around the guarded call (callers serialise) and
-    its ``state`` getter writes to the storage when its cached state object is stale;
-    neither happens here.
-    """
-
-    def __init__(self, shared: SharedBreaker, **kwargs: Any) -> None:
-        _refuse_success_threshold(kwargs.get("success_threshold", 1), shared.name)
-        # pybreaker reads the state while constructing; a memory placeholder keeps
-        # construction off Redis. SharedBreaker installs the real storage after.
-        self._shared: SharedBreaker | None = None
-        super().__init__(state_storage=pybreaker.CircuitMemoryStorage(STATE_CLOSED), **kwargs)
-        self._shared = shared
-
-    @property
-    def success_threshold(self) -> int:
-        return self._success_threshold
-
-    @success_threshold.setter
-    def success_threshold(self, threshold: int) -> None:
-        _refuse_success_threshold(threshold, self.name)
-        self._success_threshold = threshold
-
-    @property
-    def current_state(self) -> str:
-        if self._shared is None:  # still constructing
-            return STATE_CLOSED
-        return self._shared.state
-
-    @property
-    def state(self) -> Any:
-        return self._create_new_state(self.current_state)
-
-    @state.setter
-    def state(self, state_str: str) -> None:
-        raise AttributeError("breaker state changes only through SharedBreaker")
-
-    def is_system_error(self, exception: BaseException) -> bool:
-        # pybreaker tests `type(exclusion) is type`, so an exception class with a
-        # metaclass (ABCMeta) would be *called* as a predicate; test classes with isinstance.
-        for exclusion in self._excluded_exceptions:
-            if isinstance(exclusion, type):
-                if isinstance(exception, exclusion):
-                    return False
-            elif exclusion(exception):
-                return False
-        return True
-
-    @property
-    def shared(self) -> SharedBreaker:
-        assert self._shared is not None
-        return self._shared
-
-    def call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return self.shared._guarded(
-            func, args, kwargs, new_error_on_trip=self._throw_new_error_on_trip
-        )
-
-    @contextlib.contextmanager
-    def calling(self) -> Any:
-        with self.shared._guarded_block(new_error_on_trip=self._throw_new_error_on_trip):
-            yield
-
-    def call_async(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("taskrail breakers guard synchronous calls only")
-
-    def open(self) -> bool:
-        self.shared.force_open()
-        return self._throw_new_error_on_trip
-
-    def close(self) -> None:
-        self.shared.reset()
-
-    def half_open(self) -> None:
-        raise NotImplementedError("half-open is entered only by taking the trial lease")
-
-
-def _refuse_success_threshold(threshold: int, name: str | None) -> None:
-    if threshold != 1:
-        raise ConfigurationError(
-            f"breaker {name!r}: success_threshold must be 1 (one cluster-wide half-open "
-            f"trial closes a taskrail breaker), not {threshold}"
-        )

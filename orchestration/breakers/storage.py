@@ -1,4 +1,4 @@
-"""Where a breaker's state lives: Redis (shared by every process) or process memory.
+"""Where a breaker's state lives: Redis, shared by every process (memory: :mod:`.memory`).
 
 Both storages subclass pybreaker's own (:class:`pybreaker.CircuitRedisStorage`,
 :class:`pybreaker.CircuitMemoryStorage`). :class:`SharedBreaker` drives them only
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -76,8 +76,9 @@ def _int_or_none(value: Any) -> int | None:
     return int(text) if text else None
 
 
-def parse_reply(raw: Sequence[Any]) -> Reply:
-    """A :class:`Reply` from a script's nine-string reply (see :mod:`.lua`)."""
+def parse_reply(raw: Sequence[Any], read_mono: float) -> Reply:
+    """A :class:`Reply` from a script's nine-string reply (see :mod:`.lua`), read at
+    ``read_mono`` on the local monotonic clock."""
     state, fails, epoch, opened, nxt, now, changed, verdict, wait = (_text(v) for v in raw)
     snapshot = Snapshot(
         state=state,
@@ -86,7 +87,7 @@ def parse_reply(raw: Sequence[Any]) -> Reply:
         opened_at_ms=_int_or_none(opened),
         next_trial_ms=_int_or_none(nxt) if state == STATE_OPEN else None,
         now_ms=int(now),
-        read_mono=time.monotonic(),
+        read_mono=read_mono,
     )
     return Reply(snapshot, changed or None, verdict, int(wait))
 
@@ -144,12 +145,25 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
 
     pybreaker's interface then reads the hash (writing nothing) and writes it one
     command at a time, as pybreaker's own storage does.
+
+    ``clock`` (epoch seconds, tests) replaces Redis's ``TIME`` in the scripts and the
+    local monotonic clock; ``None`` (production) keeps both.
     """
 
-    def __init__(self, client: redis.Redis, scripts: Scripts, namespace: str, name: str) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        scripts: Scripts,
+        namespace: str,
+        name: str,
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.breaker_name = name
         self._keys = list(breaker_keys(namespace, name))
         self._scripts = scripts
+        self._clock = clock
+        self._mono = clock or time.monotonic
         super().__init__(STATE_CLOSED, client, namespace=self._keys[0])
 
     def _initialize_redis_state(self, state: str) -> None:
@@ -158,8 +172,9 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
         return None
 
     def _run(self, script: Script, *args: Any) -> Reply:
-        argv = [self.breaker_name, *(str(a) for a in args)]
-        return parse_reply(script(keys=self._keys, args=argv, client=self._redis))
+        now = "" if self._clock is None else str(int(self._clock() * 1000))
+        argv = [self.breaker_name, now, *(str(a) for a in args)]
+        return parse_reply(script(keys=self._keys, args=argv, client=self._redis), self._mono())
 
     def read(self, *, register: bool = False, fail_max: int = 0, reset_ms: int = 0) -> Reply:
         """The state; with ``fail_max >= 1`` also registers it and writes the settings.
@@ -283,142 +298,3 @@ def redis_infos(client: redis.Redis, namespace: str) -> list[BreakerInfo]:
             )
         )
     return infos
-
-
-class MemoryBreakerStorage(pybreaker.CircuitMemoryStorage):
-    """One breaker's state in this process (the embedded default, no servers).
-
-    The same operations as :class:`RedisBreakerStorage`, each under a lock held only
-    for the bookkeeping, never across the guarded call.
-    """
-
-    def __init__(self, name: str) -> None:
-        super().__init__(STATE_CLOSED)
-        self.breaker_name = name
-        self._lock = threading.Lock()
-        self._epoch = 0
-        self._opened_at_ms: int | None = None
-        self._next_trial_ms: int | None = None
-        self._lease: tuple[str, int] | None = None  # token, expires at (ms)
-        self.fail_max: int | None = None
-        self.reset_timeout_ms: int | None = None
-
-    def _reply(
-        self, now: int, changed: str | None = None, verdict: str = "", wait: int = 0
-    ) -> Reply:
-        snap = Snapshot(
-            self._state,
-            self._fail_counter,
-            self._epoch,
-            self._opened_at_ms,
-            self._next_trial_ms if self._state == STATE_OPEN else None,
-            now,
-            time.monotonic(),
-        )
-        return Reply(snap, changed, verdict, wait)
-
-    def _lease_holder(self, now: int) -> str | None:
-        if self._lease is not None and self._lease[1] <= now:
-            self._lease = None
-        return self._lease[0] if self._lease else None
-
-    def _open(self, now: int, reset_ms: int) -> str:
-        old, self._state = self._state, STATE_OPEN
-        self._opened_at_ms, self._next_trial_ms = now, now + reset_ms
-        self._opened_at = ms_to_datetime(now)
-        self._lease = None
-        self._success_counter = 0
-        return old
-
-    def _close(self) -> str | None:
-        old, self._state = self._state, STATE_CLOSED
-        self._fail_counter, self._epoch = 0, self._epoch + 1
-        self._opened_at_ms = self._next_trial_ms = self._opened_at = None
-        self._lease = None
-        self._success_counter = 0
-        return old if old != STATE_CLOSED else None
-
-    @staticmethod
-    def _now() -> int:
-        return int(time.time() * 1000)
-
-    def read(self, *, register: bool = False, fail_max: int = 0, reset_ms: int = 0) -> Reply:
-        with self._lock:
-            if register:
-                self.fail_max, self.reset_timeout_ms = fail_max, reset_ms
-            return self._reply(self._now())
-
-    def record_failure(self, epoch: int, fail_max: int, reset_ms: int) -> Reply:
-        with self._lock:
-            now = self._now()
-            if self._state != STATE_CLOSED or epoch != self._epoch:
-                return self._reply(now)
-            self._fail_counter += 1
-            changed = self._open(now, reset_ms) if self._fail_counter >= fail_max else None
-            return self._reply(now, changed, "counted")
-
-    def record_success(self, epoch: int) -> Reply:
-        with self._lock:
-            if self._state == STATE_CLOSED and epoch == self._epoch:
-                self._fail_counter = 0
-            return self._reply(self._now())
-
-    def acquire_trial(self, token: str, lease_ms: int) -> Reply:
-        with self._lock:
-            now = self._now()
-            if self._state == STATE_CLOSED:
-                return self._reply(now, verdict="closed")
-            due = self._next_trial_ms or 0
-            if self._state == STATE_OPEN and now < due:
-                return self._reply(now, verdict="open", wait=due - now)
-            if self._lease_holder(now) is not None:
-                return self._reply(now, verdict="busy", wait=self._lease[1] - now)  # type: ignore[index]
-            self._lease = (token, now + lease_ms)
-            changed = None
-            if self._state != STATE_HALF_OPEN:
-                changed, self._state = self._state, STATE_HALF_OPEN
-            return self._reply(now, changed, "trial")
-
-    def finish_trial(self, token: str, ok: bool, reset_ms: int) -> Reply:
-        with self._lock:
-            now = self._now()
-            holder = self._lease_holder(now)
-            if self._state != STATE_HALF_OPEN or holder not in (None, token):
-                return self._reply(now)
-            changed = self._close() if ok else self._open(now, reset_ms)
-            return self._reply(now, changed, "applied")
-
-    def abandon_trial(self, token: str) -> Reply:
-        with self._lock:
-            now = self._now()
-            if self._lease_holder(now) == token:
-                self._lease = None
-            return self._reply(now)
-
-    def reset(self, *, known_only: bool = False) -> Reply:
-        with self._lock:
-            changed = self._close()
-            return self._reply(self._now(), changed, "applied")
-
-    def force_open(self, reset_ms: int) -> Reply:
-        with self._lock:
-            now = self._now()
-            old = self._open(now, reset_ms)  # open already: a fresh reset timeout
-            return self._reply(now, old if old != STATE_OPEN else None, "applied")
-
-    def info(self) -> BreakerInfo:
-        """This breaker as an operator sees it."""
-        with self._lock:
-            now = self._now()
-            return BreakerInfo(
-                name=self.breaker_name,
-                state=self._state,
-                fail_count=self._fail_counter,
-                fail_max=self.fail_max,
-                reset_timeout_s=self.reset_timeout_ms / 1000 if self.reset_timeout_ms else None,
-                opened_at=ms_to_datetime(self._opened_at_ms),
-                next_trial_at=ms_to_datetime(self._next_trial_ms)
-                if self._state == STATE_OPEN
-                else None,
-                trial_in_progress=self._lease_holder(now) is not None,
-            )
