@@ -248,7 +248,7 @@ def test_an_escalate_escalates_the_task(world: World) -> None:
         "needs a human",
         None,
     )
-    [(verdict, _, error)] = [e for e in world.breaker().log if e[0] == "on_failure"]
+    [(_, _, error)] = [e for e in world.breaker().log if e[0] == "on_failure"]
     assert isinstance(error, Escalate)
     assert world.dispatcher.sent == []
 
