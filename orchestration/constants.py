@@ -83,15 +83,6 @@ DEFAULT_METRICS_HOST = "127.0.0.1"
 # Redis key prefixes (breaker state).
 BREAKER_KEY_PREFIX = "taskrail:breaker"
 
-# Unused: the Redis run guard it named is gone; the database grants every handler run
-# (orchestration.store.leases.take).
-RUN_GUARD_KEY_SEGMENT = "run"
-# taskrail's Redis transport delivers a message with a once-token header
-# (redisbroker.ONCE_HEADER) once: "<broker key prefix>taskrail:once:<token>", kept for
-# RUN_GUARD_TTL_FACTOR x the visibility timeout. The hops send no such header any more.
-ONCE_KEY_PREFIX = "taskrail:once:"
-RUN_GUARD_TTL_FACTOR = 2
-
 # Dead letters (orchestration.messaging.deadletters): bytes on a taskrail queue that are not a valid
 # hop, kept for an operator (`taskrail dead`). On Redis a list "<broker key prefix>
 # taskrail.dead", newest first; on the embedded default one file each in

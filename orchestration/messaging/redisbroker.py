@@ -14,6 +14,7 @@ things differ, each measured on the hop path (docs/performance.md):
   queues, one from each in turn, recording each one too, before any of them runs.
   kombu needs two round trips per message (BRPOP, then the unacked bookkeeping).
   Message priorities are not looked at within a batch (taskrail sends none).
+  (:mod:`orchestration.messaging.redisfetch`)
 - **Batched acknowledgements.** In a worker (the transport runs in an event loop),
   acknowledgements are collected and sent in one pipeline at the next turn of the
   loop, before it waits for more messages; elsewhere each is sent at once. The
@@ -44,24 +45,19 @@ import itertools
 import operator
 import os
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from queue import Empty
 from typing import Any
 
 import orjson
 import redis
 from kombu.transport import TRANSPORT_ALIASES, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.utils import json as kombu_json
-from kombu.utils.encoding import bytes_to_str
 
 from orchestration import constants as c
-from orchestration.errors import NotAHop
 from orchestration.logging import get_logger
-from orchestration.messaging.codec import loads
-from orchestration.messaging.deadletters import RedisDeadLetters, dead_letter, decode_envelope
+from orchestration.messaging.deadletters import RedisDeadLetters, dead_letter
+from orchestration.messaging.redisfetch import FetchingChannel, unacked_record
 
 log = get_logger("taskrail.broker")
 
@@ -71,86 +67,6 @@ SCHEMES = ("redis:", "rediss:")
 MAX_PENDING_ACKS = 256
 # How long a publisher waits for a free connection of the channel's pool.
 POOL_WAIT_S = 10.0
-
-# Records one message already popped (ARGV[3], ARGV[4]) as unacknowledged, then pops
-# up to ARGV[1] more from the queue keys (KEYS[3..]), one from each in turn, recording
-# each as kombu does: unacked[tag] = [message, exchange, routing_key], unacked_index[tag]
-# = now. A message with a ``taskrail_once`` header is delivered once: the first one
-# to be fetched sets ARGV[6] .. token:retries (SET NX PX ARGV[7]); a later copy is
-# dropped. (Celery's own retry of a task is a new message: its retries differ.)
-# Returns the first message's verdict (1 first, 0 a copy, -1 no such header), then
-# key, message, flag for each popped one: 1 recorded, 0 unreadable (not recorded, for
-# Python to handle), 2 a copy of a message already fetched (dropped).
-_FETCH_LUA = """
-local now = ARGV[2]
-local function once(token, retries)
-  if type(token) ~= 'string' or token == '' then return -1 end
-  if type(retries) == 'number' then token = token .. ':' .. string.format('%d', retries) end
-  if redis.call('SET', ARGV[6] .. token, '1', 'NX', 'PX', ARGV[7]) then return 1 end
-  return 0
-end
-if ARGV[3] ~= '' then
-  redis.call('ZADD', KEYS[2], now, ARGV[3])
-  redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
-end
-local out = {once(ARGV[5])}  -- ARGV[5] carries its retries already
-local want = tonumber(ARGV[1])
-local empty = {}
-local live = #KEYS - 2
-while want > 0 and live > 0 do
-  for i = 3, #KEYS do
-    if want <= 0 then break end
-    if not empty[i] then
-      local item = redis.call('RPOP', KEYS[i])
-      if not item then
-        empty[i] = true
-        live = live - 1
-      else
-        want = want - 1
-        local ok, msg = pcall(cjson.decode, item)
-        local props = ok and type(msg) == 'table' and msg['properties']
-        local tag = type(props) == 'table' and props['delivery_tag']
-        local flag = 0
-        if type(tag) == 'string' then
-          local headers = type(msg['headers']) == 'table' and msg['headers'] or {}
-          if once(headers['taskrail_once'], headers['retries']) == 0 then
-            flag = 2
-          else
-            local info = props['delivery_info']
-            if type(info) ~= 'table' then info = {} end
-            local ex = type(info['exchange']) == 'string' and info['exchange'] or ''
-            local rk = type(info['routing_key']) == 'string' and info['routing_key'] or ''
-            redis.call('ZADD', KEYS[2], now, tag)
-            redis.call('HSET', KEYS[1], tag,
-              '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
-            flag = 1
-          end
-        end
-        out[#out + 1] = KEYS[i]; out[#out + 1] = item; out[#out + 1] = flag
-      end
-    end
-  end
-end
-return out
-"""
-
-# A message header naming a token: the transport delivers a message with it once, and
-# tells the consumer so in the header FIRST_HEADER (True; a later copy is dropped, or
-# marked False when BRPOP handed it over).
-ONCE_HEADER = "taskrail_once"
-FIRST_HEADER = "taskrail_first"
-
-
-def once_key(headers: Any) -> str:
-    """The once-key of a message's headers ('' for none): its token and Celery retries."""
-    token = headers.get(ONCE_HEADER) if isinstance(headers, dict) else None
-    if not isinstance(token, str) or not token:
-        return ""
-    retries = headers.get("retries")
-    if isinstance(retries, int) and not isinstance(retries, bool):
-        return f"{token}:{retries}"
-    return token
-
 
 # The worker's event loop, as (pid, thread): pushes made on it wait for its next turn.
 _loop_owner: tuple[int, int] | None = None
@@ -172,15 +88,6 @@ def flush_deferred_pushes() -> None:
             log.warning("broker_publish_lost", error=str(err), note="the sweeper re-drives")
 
 
-def _unacked_record(raw: Any, exchange: str, routing_key: str) -> bytes:
-    """kombu's unacked entry ``[message, exchange, routing_key]``: orjson, or kombu's
-    encoder for what orjson cannot write (integers beyond 64 bits are valid JSON)."""
-    try:
-        return orjson.dumps([raw, exchange, routing_key])
-    except TypeError:
-        return kombu_json.dumps([raw, exchange, routing_key]).encode()
-
-
 class QoS(kombu_redis.QoS):
     """kombu's ack emulation, with the fetch and the acks of a batch done together."""
 
@@ -197,22 +104,12 @@ class QoS(kombu_redis.QoS):
             delivery = message.delivery_info
             channel._brpop_message = (
                 delivery_tag,
-                _unacked_record(message._raw, delivery["exchange"], delivery["routing_key"]),
+                unacked_record(message._raw, delivery["exchange"], delivery["routing_key"]),
             )
-            verdict = channel._fetch_more(once_key(message.headers))
-            if verdict >= 0:
-                message.headers[FIRST_HEADER] = bool(verdict)
+            channel._fetch_more()
             virtual.QoS.append(self, message, delivery_tag)
             return
         super().append(message, delivery_tag)
-
-    def restore_unacked(self, client: Any = None) -> Any:
-        # Messages still unacknowledged when the consumer stops were never run (a warm
-        # shutdown waits for running ones): another worker may deliver them once more.
-        for message in list(self._delivered.values()):
-            with contextlib.suppress(Exception):
-                self.channel._forget_once(getattr(message, "headers", None))
-        return super().restore_unacked(client)
 
     def ack(self, delivery_tag: str) -> None:
         channel = self.channel
@@ -240,18 +137,13 @@ def _lpush_runs(raw: Any, items: Sequence[tuple[str, bytes]]) -> None:
     pipe.execute()
 
 
-class Channel(kombu_redis.Channel):
+class Channel(FetchingChannel):
     QoS = QoS
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._sync_client: Any = None
         self._raw_client: Any = None
-        self._fetch_script: Any = None
-        self._prerecorded: set[str] = set()
         self._pending_acks: deque[str] = deque()  # appended from any thread
-        self._fetched: list[tuple[str, Any, int]] = []
-        self._brpop_message: tuple[str, bytes] | None = None
-        self._reading = False
         self._pending_pushes: list[tuple[str, bytes]] = []
         super().__init__(*args, **kwargs)
 
@@ -288,7 +180,6 @@ class Channel(kombu_redis.Channel):
         client = self._raw_client
         if client is None or (self._pool is not None and client.connection_pool is not self._pool):
             client = self._raw_client = redis.Redis(connection_pool=self.pool)
-            self._fetch_script = client.register_script(_FETCH_LUA)
         return client
 
     @property
@@ -299,120 +190,6 @@ class Channel(kombu_redis.Channel):
             raise redis.exceptions.ConnectionError("the broker connection is closed")
         return super().pool
 
-    def _key(self, name: str) -> str:
-        return f"{self.global_keyprefix}{name}"
-
-    # -- batched fetch ------------------------------------------------------------
-
-    def _brpop_read(self, **options: Any) -> Any:
-        """kombu's BRPOP read, then the rest of the fetched batch, then its acks."""
-        if self._reading:  # re-entered (a channel closing mid-batch): no batch
-            return self._brpop_deliver(**options)
-        self._reading = True
-        try:
-            delivered = self._brpop_deliver(**options)
-            self._reading = False
-            self._deliver_fetched()
-            return delivered
-        finally:
-            self._reading = False
-            self._brpop_message = None
-
-    def _brpop_deliver(self, **options: Any) -> bool:
-        """kombu's ``_brpop_read``, with bytes that are not an envelope dead-lettered.
-
-        kombu decodes the popped bytes in the middle of its read, where a decode error
-        escapes the event loop and stops the worker ("Unrecoverable error").
-        """
-        try:
-            try:
-                dest_item = self.client.parse_response(self.client.connection, "BRPOP", **options)
-            except self.connection_errors:
-                # Disconnect, so that the next turn of the loop reconnects.
-                self.client.connection.disconnect()
-                raise
-            if not dest_item:
-                raise Empty()
-            dest, item = dest_item
-            queue = bytes_to_str(dest).rsplit(self.sep, 1)[0]
-            self._queue_cycle.rotate(queue)
-            try:
-                payload = decode_envelope(item)
-            except NotAHop as err:
-                self._dead_letter(queue, err.reason, item)
-                return True
-            self.connection._deliver(payload, queue)
-            return True
-        finally:
-            self._in_poll = False  # no BRPOP in flight (kombu writes None)
-            flush_reauth = getattr(self, "_flush_brpop_reauth", None)  # kombu >= 5.6
-            if flush_reauth is not None:
-                flush_reauth()
-
-    def _fetch_more(self, once: str) -> int:
-        """Record the BRPOP'd message as unacked and pop (and record) more, in one call.
-
-        Returns the BRPOP'd message's once-verdict (1 first, 0 a copy, -1 none).
-        """
-        assert self._brpop_message is not None
-        tag, value = self._brpop_message
-        room = self.qos.can_consume_max_estimate()
-        want = 100 if room is None else max(0, room - 1)
-        # The order BRPOP uses next: the queue just read from comes last (round robin).
-        queues = self._queue_cycle.consume(len(self.active_queues))
-        keys = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
-        raw = self._raw()
-        reply = self._fetch_script(
-            keys=[self._key(self.unacked_key), self._key(self.unacked_index_key)]
-            + [self._key(k) for k in keys],
-            args=[
-                want,
-                time.time(),
-                tag,
-                value,
-                once,
-                self._key(c.ONCE_KEY_PREFIX),
-                int(self.visibility_timeout * c.RUN_GUARD_TTL_FACTOR * 1000),
-            ],
-            client=raw,
-        )
-        prefix = len(self.global_keyprefix)
-        for i in range(1, len(reply), 3):
-            key = bytes_to_str(reply[i])[prefix:]
-            queue = key.rsplit(self.sep, 1)[0]
-            self._fetched.append((queue, reply[i + 1], int(reply[i + 2])))
-        return int(reply[0])
-
-    def _deliver_fetched(self) -> None:
-        """Hand the extra messages of the batch to their consumers, in order."""
-        while self._fetched:
-            queue, item, flag = self._fetched.pop(0)
-            try:
-                payload = decode_envelope(item)
-            except NotAHop as err:
-                if flag == 1:
-                    self._unrecord(item)
-                self._dead_letter(queue, err.reason, item)
-                continue
-            if flag == 2:
-                log.info(
-                    "broker_message_dropped",
-                    queue=queue,
-                    reason="a copy of a message already delivered",
-                    task=payload.get("headers", {}).get("task"),
-                )
-                continue
-            if flag == 1:
-                self._prerecorded.add(payload["properties"]["delivery_tag"])
-                headers = payload.get("headers")
-                if isinstance(headers, dict) and isinstance(headers.get(ONCE_HEADER), str):
-                    headers[FIRST_HEADER] = True
-            try:
-                self.connection._deliver(payload, queue)
-            except BaseException:
-                self._requeue_fetched()
-                raise
-
     # -- dead letters ------------------------------------------------------------------
 
     def dead_letters(self) -> RedisDeadLetters:
@@ -421,28 +198,6 @@ class Channel(kombu_redis.Channel):
 
     def _dead_letter(self, queue: str, reason: str, item: bytes) -> None:
         dead_letter(self.dead_letters(), queue, reason, item)
-
-    def _unrecord(self, item: bytes) -> None:
-        """Forget a message the fetch script recorded as unacknowledged (it has a tag)."""
-        with contextlib.suppress(Exception):
-            tag = loads(bytes_to_str(item))["properties"]["delivery_tag"]
-            self._prerecorded.discard(tag)
-            with self._raw().pipeline(transaction=False) as pipe:
-                pipe.zrem(self._key(self.unacked_index_key), tag)
-                pipe.hdel(self._key(self.unacked_key), tag)
-                pipe.execute()
-
-    def _requeue_fetched(self) -> None:
-        """Give back what was fetched but not delivered (a consumer raised)."""
-        fetched, self._fetched = self._fetched, []
-        for _queue, item, flag in fetched:
-            with contextlib.suppress(Exception):
-                payload = loads(bytes_to_str(item))
-                tag = payload["properties"]["delivery_tag"]
-                self._prerecorded.discard(tag)
-                if flag == 1:
-                    self._forget_once(payload.get("headers"))
-                    self.qos.restore_by_tag(tag, leftmost=True)
 
     # -- publishing -----------------------------------------------------------------
 
@@ -474,12 +229,6 @@ class Channel(kombu_redis.Channel):
         if not pending:
             return
         _lpush_runs(self._raw(), pending)
-
-    def _forget_once(self, headers: Any) -> None:
-        """Let a message given back unrun be delivered again (its once-key goes)."""
-        once = once_key(headers)
-        if once:
-            self._raw().delete(self._key(c.ONCE_KEY_PREFIX + once))
 
     # -- batched acks -------------------------------------------------------------
 
