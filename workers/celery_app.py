@@ -1,7 +1,8 @@
 """The Celery app that ``celery -A workers`` finds (``workers.app``).
 
 Configuration comes from :func:`orchestration.messaging.dispatch.celery_config`, the same the
-producers use, read from the ``TASKRAIL_*`` environment when the worker starts.
+producers use, from the ``TASKRAIL_*`` environment read once when the app is built
+(:func:`worker_settings` hands them to the rest of the worker).
 
 Its consumer (:class:`Consumer`) keeps every message that is not a valid hop as a dead
 letter (:mod:`orchestration.messaging.deadletters`) and goes on consuming; the transports do the
@@ -27,7 +28,7 @@ from orchestration.errors import NotAHop
 from orchestration.logging import configure_logging
 from orchestration.messaging import deadletters
 from orchestration.messaging.dispatch import make_celery
-from orchestration.settings import get_settings
+from orchestration.settings import Settings, get_settings
 
 _logger = logging.getLogger("taskrail.consumer")
 
@@ -127,7 +128,7 @@ def process_store() -> deadletters.DeadLetterStore:
     global _store
     with _store_lock:
         if _store is None or _store[0] != os.getpid():
-            _store = (os.getpid(), deadletters.store_for(get_settings()))
+            _store = (os.getpid(), deadletters.store_for(worker_settings()))
         return _store[1]
 
 
@@ -216,8 +217,20 @@ class Consumer(CeleryConsumer):
         return on_task_received
 
 
-def create_app() -> Celery:
-    settings = get_settings()
+_settings: Settings | None = None
+
+
+def worker_settings() -> Settings:
+    """The settings this process's app was built with (read once, by :func:`create_app`)."""
+    assert _settings is not None, "importing workers builds the app (create_app)"
+    return _settings
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """The worker's Celery app; ``settings`` default to the ``TASKRAIL_*`` environment,
+    read here once for the process (:func:`worker_settings`)."""
+    global _settings
+    settings = _settings = settings or get_settings()
     app = make_celery(settings, main="taskrail")
     app.conf.update(
         include=["workers.hops", "workers.sweeper"],
@@ -241,14 +254,14 @@ def create_app() -> Celery:
 @signals.setup_logging.connect
 def _setup_logging(**_: object) -> None:
     # taskrail's structlog set-up replaces Celery's own logging configuration.
-    settings = get_settings()
+    settings = worker_settings()
     configure_logging(settings.log_format, settings.log_level)
 
 
 @signals.import_modules.connect
 def _make_data_dir(**_: object) -> None:
     # Beat keeps its schedule file in TASKRAIL_DATA_DIR and does not create the folder.
-    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    worker_settings().data_dir.mkdir(parents=True, exist_ok=True)
 
 
 @signals.worker_ready.connect

@@ -29,6 +29,7 @@ from orchestration.api import NewTask, Taskrail
 from orchestration.errors import DemoFailed
 from orchestration.models import RESTING_STATUSES, tasks_table
 from orchestration.redact import redact_text
+from orchestration.settings import Settings
 
 DEMO_TYPES = ("personal_tax", "payroll", "bookkeeping")
 # With no task moving for this long and an error in a worker's log, the demo gives up.
@@ -204,6 +205,7 @@ def _workers(trail: Taskrail, spawn: int) -> Iterator[_Fleet]:
 def run_demo(
     n: int,
     *,
+    settings: Settings,
     console: Console,
     spawn: int = 2,
     timeout_s: float = 600.0,
@@ -221,7 +223,7 @@ def run_demo(
     """
     from demo_agents import expected_status
 
-    trail = Taskrail()
+    trail = Taskrail(settings)
     items = demo_tasks(n)
     expected: dict[str, int] = {}
     for item in items:
