@@ -6,6 +6,8 @@
     assigned, in_progress -fail-> failed -retry-> pending
     assigned, in_progress -escalate-> escalated
 
+What each move writes besides the status is one table, :data:`orchestration.moves.EFFECTS`.
+
 The machine starts from the task's stored status (``model=task, state_field="status"``);
 it never resets a task to pending. ``completed`` and ``escalated`` are final. ``failed``
 is not declared final (python-statemachine rejects a final state with an outgoing
@@ -22,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from statemachine import State, StateMachine
 from statemachine.exceptions import TransitionNotAllowed
 
-from orchestration.models import TaskStatus, utcnow
+from orchestration.models import TaskStatus
+from orchestration.moves import EFFECTS, LIFECYCLE_COLUMNS, Input
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -68,22 +71,22 @@ class TaskStateMachine(StateMachine):
             setattr(self.task, name, value)
 
 
-EVENTS: tuple[str, ...] = ("assign", "start", "complete", "fail", "escalate", "retry")
+EVENTS: tuple[str, ...] = tuple(EFFECTS)  # assign, start, complete, fail, escalate, retry
 
 
 def move_fields(event: str, agent: str | None = None) -> dict[str, Any]:
-    """The fields a move sets on the task besides ``status``.
+    """The lifecycle fields a move sets on the task besides ``status``.
 
-    The machine's callbacks (``on_assign``, ``on_complete``, ``on_retry``) apply exactly
-    these; the transition store writes them with the status.
+    The lifecycle part (:data:`~orchestration.moves.LIFECYCLE_COLUMNS`) of the event's
+    row in :data:`orchestration.moves.EFFECTS`. The machine's callbacks (``on_assign``,
+    ``on_complete``, ``on_retry``) apply exactly these; the transition store writes the
+    whole row.
     """
-    if event == "assign":
-        return {"assigned_agent": agent}
-    if event == "complete":
-        return {"completed_at": utcnow()}
-    if event == "retry":
-        return {"assigned_agent": None, "completed_at": None, "attempts": 0}
-    return {}
+    effects = EFFECTS.get(event)
+    if effects is None:
+        return {}
+    values = effects.values({Input.AGENT: agent})
+    return {name: value for name, value in values.items() if name in LIFECYCLE_COLUMNS}
 
 
 def create_state_machine(task: Any, session: Session | None = None) -> TaskStateMachine:

@@ -45,7 +45,7 @@ from orchestration.models import TaskStatus, utcnow
 from orchestration.ops import metrics
 from orchestration.redact import redact_text
 from orchestration.store import leases
-from orchestration.store.transitions import Outcome, apply_transition
+from orchestration.store.transitions import Move, Outcome
 from workers import calls
 from workers.calls import CallOutcome, Kind
 from workers.runtime import Runtime
@@ -100,9 +100,7 @@ def send_execute(
     rt.dispatcher.send(c.HOP_EXECUTE, args, countdown=countdown)
 
 
-def take_lease(
-    rt: Runtime, task_id: int, attempts: int, token: str | None
-) -> leases.Claim | None:
+def take_lease(rt: Runtime, task_id: int, attempts: int, token: str | None) -> leases.Claim | None:
     """The lease for attempt ``attempts + 1``, as the database grants it, or None.
 
     One statement in the common case (a pre-claim adopted, or the next attempt
@@ -117,7 +115,7 @@ def take_lease(
         claimed = leases.take(rt.db, task_id, attempts, mine, ttl_s)
     else:
         how = leases.Take.TAKE_OVER if leases.is_run_token(token) else leases.Take.ADOPT
-        claimed = leases.take(rt.db, task_id, attempts + 1, mine, ttl_s, how=how, prior=token)
+        claimed = leases.take(rt.db, task_id, attempts, mine, ttl_s, how=how, prior=token)
     if claimed is not None:
         return claimed
     row = leases.describe(rt.db, task_id)
@@ -125,6 +123,7 @@ def take_lease(
         log.warning("message_dropped", task_id=task_id, reason="no such task")
         return None
     owner = row["lease_owner"]
+    # The row counts a run once it is leased: this message's run is counted as done + 1.
     same_attempt = row["status"] == TaskStatus.IN_PROGRESS and row["attempts"] == attempts + 1
     if same_attempt and owner is not None:
         expires = row["lease_expires_at"]
@@ -139,7 +138,7 @@ def take_lease(
             return None
         if leases.is_run_token(owner):
             taken = leases.take(
-                rt.db, task_id, attempts + 1, mine, ttl_s, how=leases.Take.TAKE_OVER, prior=owner
+                rt.db, task_id, attempts, mine, ttl_s, how=leases.Take.TAKE_OVER, prior=owner
             )
             if taken is not None:
                 log.warning("lease_taken_over", task_id=task_id, dead_owner=owner)
@@ -166,7 +165,8 @@ def execute(
         if breaker is not None and permit is not None:
             breaker.abandon(permit)
         return
-    structlog.contextvars.bind_contextvars(agent=claimed.agent, attempt=claimed.attempt)
+    # Log lines name the attempt by its number, as the handler sees it (TaskView.attempt).
+    structlog.contextvars.bind_contextvars(agent=claimed.agent, attempt=claimed.attempts + 1)
     if spec is None or spec.name != claimed.agent:
         # The message named no agent (or another one): the task's own agent decides.
         if breaker is not None and permit is not None:
@@ -197,20 +197,20 @@ def give_back(rt: Runtime, claimed: leases.Claim, countdown_s: float | None) -> 
         ),
     )
     if released:
-        send_execute(rt, claimed.task_id, claimed.attempt - 1, claimed.agent, countdown_s)
+        send_execute(rt, claimed.task_id, claimed.attempts, claimed.agent, countdown_s)
 
 
 def run_claimed(
     rt: Runtime, spec: AgentSpec, breaker: SharedBreaker, permit: Permit, claimed: leases.Claim
 ) -> None:
-    if claimed.attempt > spec.max_attempts:
+    if claimed.attempts >= spec.max_attempts:
         breaker.abandon(permit)
         finish(
             rt,
             claimed,
             "fail",
             reason=(
-                f"gave up after {claimed.attempt - 1} attempts; "
+                f"gave up after {claimed.attempts} attempts; "
                 "the worker running the last one was lost"
             ),
         )
@@ -219,7 +219,11 @@ def run_claimed(
         # The producer's own rules: a row that breaks them was never accepted by them.
         values.check_task_row(claimed.client_id, claimed.task_type, claimed.payload)
         view = TaskView.build(
-            claimed.task_id, claimed.client_id, claimed.task_type, claimed.payload, claimed.attempt
+            claimed.task_id,
+            claimed.client_id,
+            claimed.task_type,
+            claimed.payload,
+            claimed.attempts + 1,  # the handler sees the number of its attempt
         )
     except (TaskrailError, ValueError, TypeError, RecursionError) as err:
         breaker.abandon(permit)
@@ -296,36 +300,23 @@ def persist(what: str, write: Callable[[], T]) -> T:
 def finish(
     rt: Runtime, claimed: leases.Claim, event: str, *, reason: str | None = None, result: Any = None
 ) -> None:
-    """Apply the final event of an execution, releasing its lease in the same write.
+    """Apply the final event of an execution (``complete`` with the ``result``, ``fail``
+    or ``escalate`` with the ``reason``); the event's writes release the lease.
 
     The write is retried while the database is unreachable, the lease kept alive
     meanwhile; it applies only while this run still holds the lease.
     """
-    values: dict[str, Any] = {
-        "lease_owner": None,
-        "lease_expires_at": None,
-        "not_before": None,
-        "deferred_since": None,
-    }
-    if event == "complete":
-        values["result"] = result
-    else:
-        values["last_error"] = reason
+    move = Move(
+        claimed.task_id,
+        event,
+        expected=TaskStatus.IN_PROGRESS,
+        agent=claimed.agent,
+        reason=reason,
+        result=result,
+        lease=claimed.token,
+    )
     with rt.leases.hold(claimed.task_id, claimed.token):
-        outcome = persist(
-            event,
-            lambda: apply_transition(
-                rt.db,
-                claimed.task_id,
-                event,
-                expected=TaskStatus.IN_PROGRESS,
-                agent=claimed.agent,
-                reason=reason,
-                worker=rt.worker,
-                set_=values,
-                guard={"lease_owner": claimed.token},
-            ),
-        )
+        outcome = persist(event, lambda: rt.transitions.apply(move))
     if outcome.outcome is not Outcome.APPLIED:
         log.warning("lease_lost", transition=event, reason="another worker took the task over")
 
@@ -334,9 +325,9 @@ def error_text(err: BaseException) -> str:
     return redact_text(f"{type(err).__name__}: {err}")[:MAX_ERROR_CHARS]
 
 
-def backoff_s(rt: Runtime, attempt: int) -> float:
-    """Exponential backoff with jitter before the attempt after ``attempt``."""
-    base = rt.settings.retry_backoff_base_s * 2 ** (attempt - 1)
+def backoff_s(rt: Runtime, attempts: int) -> float:
+    """Exponential backoff with jitter before the attempt after ``attempts`` done."""
+    base = rt.settings.retry_backoff_base_s * 2 ** (attempts - 1)
     return min(rt.settings.retry_backoff_max_s, base) * random.uniform(0.5, 1.0)
 
 
@@ -345,10 +336,11 @@ def transient(rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str) -
 
     A handler whose process died runs isolated from now on (the flag is on the row).
     """
-    if claimed.attempt >= spec.max_attempts:
-        finish(rt, claimed, "fail", reason=f"gave up after {claimed.attempt} attempts: {error}")
+    done = claimed.attempts + 1  # this one included
+    if done >= spec.max_attempts:
+        finish(rt, claimed, "fail", reason=f"gave up after {done} attempts: {error}")
         return
-    delay = backoff_s(rt, claimed.attempt)
+    delay = backoff_s(rt, done)
     retry_at = utcnow() + timedelta(seconds=delay)
     released = persist(
         "retry",
@@ -360,7 +352,7 @@ def transient(rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str) -
     log.info(
         "attempt_failed", error=error, retry_in_s=round(delay, 2), max_attempts=spec.max_attempts
     )
-    send_execute(rt, claimed.task_id, claimed.attempt, claimed.agent, countdown=delay)
+    send_execute(rt, claimed.task_id, done, claimed.agent, countdown=delay)
 
 
 def trial_failed(rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str) -> None:
@@ -368,7 +360,7 @@ def trial_failed(rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str
     is given back and the task waits as deferred (bounded by ``max_deferral_s``)."""
     now = utcnow()
     delay = min(spec.reset_timeout_s, c.MAX_DEFER_COUNTDOWN_S) * random.uniform(1.0, 1.2)
-    attempts = claimed.attempt - 1
+    attempts = claimed.attempts
     since = persist(
         "trial_failed",
         lambda: leases.defer(
@@ -425,16 +417,15 @@ def wait_or_escalate(
     now = utcnow()
     if (now - since).total_seconds() > spec.max_deferral_s:
         opened = opened_at or since
-        outcome = apply_transition(
-            rt.db,
-            task_id,
-            "escalate",
-            expected=TaskStatus.IN_PROGRESS,
-            agent=spec.name,
-            reason=f"breaker {breaker} open since {opened.isoformat(timespec='seconds')}",
-            worker=rt.worker,
-            set_={"not_before": None, "deferred_since": None},
-            guard={"attempts": attempts},
+        outcome = rt.transitions.apply(
+            Move(
+                task_id,
+                "escalate",
+                expected=TaskStatus.IN_PROGRESS,
+                agent=spec.name,
+                reason=f"breaker {breaker} open since {opened.isoformat(timespec='seconds')}",
+                attempts=attempts,
+            )
         )
         if outcome.outcome is not Outcome.APPLIED:
             explain_stale(rt, task_id, "in_progress")

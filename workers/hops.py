@@ -36,7 +36,7 @@ from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, utcnow
 from orchestration.ops import metrics
 from orchestration.store.leases import preclaim_token
-from orchestration.store.transitions import INCREMENT, Outcome, apply_transition
+from orchestration.store.transitions import Move, Outcome
 from workers import execution, messages
 from workers.celery_app import app, dead_letter_hop
 from workers.runtime import Runtime, runtime
@@ -118,14 +118,10 @@ def assign(self: Task, *args: Any, **kwargs: Any) -> None:
                 countdown_s=round(delay, 2),
             )
             raise self.retry(countdown=delay) from None
-        result = apply_transition(
-            rt.db,
-            task_id,
-            "assign",
-            expected=TaskStatus.PENDING,
-            agent=spec.name,
-            worker=rt.worker,
-            guard={"task_type": task_type},
+        result = rt.transitions.apply(
+            Move(
+                task_id, "assign", expected=TaskStatus.PENDING, agent=spec.name, task_type=task_type
+            )
         )
         if result.outcome is not Outcome.APPLIED:
             execution.explain_stale(rt, task_id, "pending")
@@ -144,20 +140,23 @@ def start(self: Task, *args: Any, **kwargs: Any) -> None:
         # message carries only the pre-claim's token, the payload stays in the row.
         token = preclaim_token(rt.worker)
         until = utcnow() + timedelta(seconds=rt.settings.lease_ttl_s)
-        result = apply_transition(
-            rt.db,
-            task_id,
-            "start",
-            expected=TaskStatus.ASSIGNED,
-            worker=rt.worker,
-            set_={"lease_owner": token, "lease_expires_at": until, "attempts": INCREMENT},
-            returning=("attempts", "assigned_agent"),
+        result = rt.transitions.apply(
+            Move(
+                task_id,
+                "start",
+                expected=TaskStatus.ASSIGNED,
+                preclaim=token,
+                preclaim_until=until,
+                returning=("attempts", "assigned_agent"),
+            )
         )
         if result.outcome is not Outcome.APPLIED:
             execution.explain_stale(rt, task_id, "assigned")
             return
         row = result.row
-        execution.send_execute(rt, task_id, row["attempts"] - 1, row["assigned_agent"], token=token)
+        # The row counts the pre-claimed run; the message carries the attempts before it.
+        done = row["attempts"] - 1
+        execution.send_execute(rt, task_id, done, row["assigned_agent"], token=token)
 
 
 @app.task(name=c.HOP_EXECUTE, base=HopTask, bind=True)

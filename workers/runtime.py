@@ -23,9 +23,11 @@ from orchestration.logging import get_logger
 from orchestration.messaging.dispatch import Dispatcher, flush_deferred_pushes
 from orchestration.ops import metrics
 from orchestration.redact import redact_text
-from orchestration.settings import Settings, get_settings
+from orchestration.settings import Settings
 from orchestration.store.db import ConnectionTimeouts, Database
 from orchestration.store.keeper import LeaseKeeper
+from orchestration.store.transitions import DEFAULT_LISTENERS, TransitionResult, TransitionStore
+from workers.celery_app import worker_settings
 
 log = get_logger("taskrail.worker")
 
@@ -38,6 +40,7 @@ class Runtime:
     worker: str  # host:pid, recorded on every event this process writes
     leases: LeaseKeeper
     breakers: BreakerBoard
+    transitions: TransitionStore  # writes as ``worker``; logs and counts each transition
 
     def breaker_for(self, spec: AgentSpec) -> SharedBreaker:
         """The shared breaker guarding calls to ``spec``'s handler."""
@@ -62,28 +65,37 @@ def runtime(app: Celery) -> Runtime:
         return _runtime
     with _lock:
         if _runtime is None or _pid != os.getpid():
-            settings = get_settings()
+            settings = worker_settings()
             load_agent_modules(settings.agents)
             db = Database(
                 settings.effective_database_url,
                 pool_size=settings.db_pool_size,
                 timeouts=ConnectionTimeouts.from_settings(settings, worker=True),
             )
+            worker = f"{socket.gethostname()}:{os.getpid()}"
             _runtime = Runtime(
                 settings=settings,
                 db=db,
                 dispatcher=Dispatcher(app),
-                worker=f"{socket.gethostname()}:{os.getpid()}",
+                worker=worker,
                 leases=LeaseKeeper(db, settings.lease_ttl_s),
                 breakers=BreakerBoard(
                     settings.redis_url,
                     namespace=settings.breaker_namespace,
                     on_state_change=lambda change: metrics.breaker_changed(change.name, change.new),
                 ),
+                transitions=TransitionStore(
+                    db, worker=worker, listeners=(*DEFAULT_LISTENERS, count_transition)
+                ),
             )
             _pid = os.getpid()
             freeze_heap()
     return _runtime
+
+
+def count_transition(result: TransitionResult) -> None:
+    """The transition store's listener for ``taskrail_transitions_total``."""
+    metrics.transition(result.event, result.agent)
 
 
 def freeze_heap() -> None:
@@ -175,7 +187,7 @@ def _load_agents_early(**_: object) -> None:
     # Fail at start-up, not on the first message: a worker that cannot work would take
     # messages and use them up.
     try:
-        check_can_work(get_settings())
+        check_can_work(worker_settings())
     except Exception as err:
         refuse_to_start("worker", err)
 
@@ -183,6 +195,6 @@ def _load_agents_early(**_: object) -> None:
 @signals.beat_init.connect
 def _check_beat_can_work(**_: object) -> None:
     try:
-        check_can_work(get_settings())
+        check_can_work(worker_settings())
     except Exception as err:
         refuse_to_start("beat", err)

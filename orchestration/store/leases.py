@@ -12,6 +12,12 @@ only names the lease it asks for, so a forged or duplicate message runs nothing.
   lease holds the task.
 - **Take-over**: a ``r:`` lease that expired belonged to a worker that died while the
   handler ran; the same attempt is taken over and runs isolated from then on.
+
+Attempts are counted as ``attempts``: the attempts done before the run a function
+takes, gives back or defers (the row's ``attempts`` column counts a run once its lease
+is taken). The writes here change ``attempts``, ``not_before`` and the lease of an
+in-progress task without a transition and without an audit row: bookkeeping, as the
+docstring of :mod:`orchestration.moves` says why.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ class Claim:
 
     task_id: int
     token: str
-    attempt: int  # 1 for the first call of the handler
+    attempts: int  # attempts done before this run: 0 for the first call of the handler
     client_id: int
     task_type: str
     payload: dict[str, Any]
@@ -123,9 +129,9 @@ def take(
 ) -> Claim | None:
     """Take the lease of ``task_id``'s handler run as ``token``; None if not to be had.
 
-    ``attempts`` is the attempt count the row must have: the attempts done before
-    (:attr:`Take.NEXT`, which counts one more) or the attempt being taken
-    (:attr:`Take.ADOPT` and :attr:`Take.TAKE_OVER`, which need the ``prior`` owner).
+    ``attempts`` is the attempts done before the run taken: :attr:`Take.NEXT` counts
+    that run on a row with ``attempts`` counted; :attr:`Take.ADOPT` and
+    :attr:`Take.TAKE_OVER` (which need the ``prior`` owner) take a run already counted.
     A take-over marks the task isolated. One statement; the row's payload comes back
     with it. Raises DatabaseUnavailable.
     """
@@ -136,7 +142,7 @@ def take(
         "now": now,
         "task_id": task_id,
         "status": TaskStatus.IN_PROGRESS,
-        "attempts": attempts,
+        "attempts": attempts if how is Take.NEXT else attempts + 1,
     }
     if how is not Take.NEXT:
         params["prior"] = prior
@@ -149,7 +155,7 @@ def take(
     return Claim(
         task_id=task_id,
         token=token,
-        attempt=row["attempts"],
+        attempts=row["attempts"] - 1,
         client_id=row["client_id"],
         task_type=row["task_type"],
         payload=row["payload"] or {},
@@ -164,14 +170,15 @@ def claim(db: Database, task_id: int, attempts: int, token: str, ttl_s: float) -
 
 
 def adopt(
-    db: Database, task_id: int, attempt: int, prior: str, token: str, ttl_s: float
+    db: Database, task_id: int, attempts: int, prior: str, token: str, ttl_s: float
 ) -> Claim | None:
-    """Take over the pre-claim ``prior`` of ``attempt`` as ``token`` (may be the same).
+    """Take over the pre-claim ``prior`` of the run after ``attempts`` as ``token``
+    (may be the same).
 
     With a new token, of several copies of one message exactly one gets the lease.
     None when the task moved on or another worker took the lease.
     """
-    return take(db, task_id, attempt, token, ttl_s, how=Take.ADOPT, prior=prior)
+    return take(db, task_id, attempts, token, ttl_s, how=Take.ADOPT, prior=prior)
 
 
 def renew(db: Database, task_id: int, token: str, ttl_s: float) -> bool:

@@ -1,11 +1,13 @@
 """The transition store: the one place a task's status changes.
 
-:func:`apply_transition` validates an event with :class:`TaskStateMachine` *before*
-writing, then writes atomically: a compare-and-set update of the task row
-(``WHERE id = :id AND status = :from``) and the ``task_events`` row, committed
-together. On PostgreSQL that is a single statement (a data-modifying CTE), so one
-round trip per transition; on SQLite it is an UPDATE ... RETURNING and an INSERT in
-one transaction.
+:class:`TransitionStore` applies a :class:`~orchestration.moves.Move`: it validates the
+event with :class:`TaskStateMachine` *before* writing, then writes atomically what the
+event's row of :data:`orchestration.moves.EFFECTS` says, as a compare-and-set update
+of the task row (``WHERE id = :id AND status = :from`` and the move's guards) and the
+``task_events`` row, committed together. On PostgreSQL that is a single statement (a
+data-modifying CTE), so one round trip per transition; on SQLite it is an UPDATE ...
+RETURNING and an INSERT in one transaction. After the commit each listener hears of
+the transition (the log line by default; the worker runtime adds the metric).
 
 Outcomes are values, not exceptions: a lost race or a duplicate message is
 ``Outcome.STALE``; an unknown id is ``Outcome.NOT_FOUND``. An event the state machine
@@ -23,7 +25,7 @@ from __future__ import annotations
 import enum
 import functools
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,7 @@ from statemachine.exceptions import TransitionNotAllowed
 
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus, events_table, tasks_table, utcnow
-from orchestration.ops import metrics
+from orchestration.moves import EFFECTS, Effects, Input, Move
 from orchestration.state_machine import TaskStateMachine, move_fields
 from orchestration.store.db import Database
 from orchestration.values import StoredJson, encode_payload, encode_result, storable_text
@@ -42,11 +44,15 @@ from orchestration.values import StoredJson, encode_payload, encode_result, stor
 log = get_logger("taskrail.transitions")
 
 __all__ = [
-    "INCREMENT",
+    "DEFAULT_LISTENERS",
+    "Move",
     "Outcome",
+    "TransitionListener",
     "TransitionNotAllowed",
     "TransitionResult",
+    "TransitionStore",
     "apply_transition",
+    "log_transition",
     "plan",
 ]
 
@@ -66,10 +72,112 @@ class TransitionResult:
     to_status: TaskStatus | None = None
     row: Mapping[str, Any] = field(default_factory=dict)
     agent: str | None = None  # the agent the audit event names
+    detail: str | None = None  # the audit event's detail (the reason, as stored)
 
     @property
     def applied(self) -> bool:
         return self.outcome is Outcome.APPLIED
+
+
+TransitionListener = Callable[[TransitionResult], None]
+
+
+def log_transition(result: TransitionResult) -> None:
+    """The ``task_transition`` log line of an applied transition."""
+    assert result.from_status is not None and result.to_status is not None
+    log.info(
+        "task_transition",
+        task_id=result.task_id,
+        transition=result.event,
+        from_status=result.from_status.value,
+        to_status=result.to_status.value,
+        agent=result.agent,
+        detail=result.detail,
+    )
+
+
+# Every store logs its transitions unless told otherwise: hops, producers (a retry) and
+# the CLI write transitions, and each must leave the same line as the audit row.
+DEFAULT_LISTENERS: tuple[TransitionListener, ...] = (log_transition,)
+
+
+class TransitionStore:
+    """Applies moves to one database as ``worker`` and tells the listeners of each one.
+
+    ``listeners`` are called, in order, with every transition applied, after its
+    commit; one that raises is logged and the others still run (the transition
+    stands). By default the store logs each transition (:func:`log_transition`).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        worker: str | None = None,
+        listeners: Iterable[TransitionListener] = DEFAULT_LISTENERS,
+    ) -> None:
+        self.db = db
+        self.worker = worker
+        self.listeners: tuple[TransitionListener, ...] = tuple(listeners)
+
+    def apply(self, move: Move) -> TransitionResult:
+        """Apply ``move``: validate, compare-and-set, audit, commit, then tell the listeners.
+
+        Without ``move.expected`` the row's status is read first. Raises
+        TransitionNotAllowed, ResultRejected, InvalidPayload (nothing written) and
+        DatabaseUnavailable.
+        """
+        write = _Write.of(move, self.worker)
+        if self.db.is_postgres:
+            result = _apply_postgres(self.db, write)
+        else:
+            result = _apply_sqlalchemy(self.db, write)
+        if result.outcome is Outcome.APPLIED:
+            for listener in self.listeners:
+                try:
+                    listener(result)
+                except Exception as err:
+                    log.warning(
+                        "transition_listener_failed",
+                        listener=getattr(listener, "__qualname__", repr(listener)),
+                        task_id=result.task_id,
+                        transition=result.event,
+                        error=f"{type(err).__name__}: {err}",
+                    )
+        return result
+
+
+def apply_transition(
+    db: Database,
+    task_id: int,
+    event: str,
+    *,
+    expected: TaskStatus | None = None,
+    agent: str | None = None,
+    reason: str | None = None,
+    worker: str | None = None,
+    set_: Mapping[str, Any] | None = None,
+    guard: Mapping[str, Any] | None = None,
+    returning: Sequence[str] = (),
+) -> TransitionResult:
+    """Apply ``event`` to task ``task_id`` through a :class:`TransitionStore` that logs.
+
+    For producers, tools and tests. ``set_`` adds raw column values and ``guard``
+    raw equality conditions (None: IS NULL) to the event's own writes
+    (:attr:`Move.extra_columns`, :attr:`Move.extra_guard`); ``returning`` names task
+    columns to hand back in ``result.row``. Raises as :meth:`TransitionStore.apply`.
+    """
+    move = Move(
+        task_id,
+        event,
+        expected=expected,
+        agent=agent,
+        reason=reason,
+        returning=tuple(returning),
+        extra_columns=set_ or {},
+        extra_guard=guard or {},
+    )
+    return TransitionStore(db, worker=worker).apply(move)
 
 
 class _Draft:
@@ -98,19 +206,25 @@ def plan(from_status: TaskStatus, event: str, **kwargs: Any) -> tuple[TaskStatus
     transition for it from that state gives the target. The machine has one
     transition per (state, event) and no guards, so this is the verdict ``send`` would
     reach, without running the event through the engine's SCXML steps (~5x the cost,
-    a quarter of a short hop's CPU): ``tests/orchestration/test_transitions.py``
-    checks both agree on every pair.
+    a quarter of a short hop's CPU): ``tests/unit/store/test_transitions.py`` checks
+    both agree on every pair.
 
-    Returns the target status and the fields the move sets (:func:`move_fields`:
-    ``assigned_agent``, ``completed_at``, ...). Raises TransitionNotAllowed.
+    Returns the target status and the lifecycle fields the move sets
+    (:func:`move_fields`: ``assigned_agent``, ``completed_at``, ...). Raises
+    TransitionNotAllowed.
     """
+    return _verdict(from_status, event, **kwargs), move_fields(event, kwargs.get("agent"))
+
+
+def _verdict(from_status: TaskStatus, event: str, **kwargs: Any) -> TaskStatus:
+    """The target of ``event`` from ``from_status``. Raises TransitionNotAllowed."""
     sm, draft = _machine()
     draft.status = from_status  # type: ignore[attr-defined]
     if not any(enabled.id == event for enabled in sm.enabled_events(**kwargs)):
         declared = getattr(sm, event, None)
         refused = declared if isinstance(declared, Event) else Event(event, name=event)
         raise TransitionNotAllowed(refused, sm.configuration)
-    return _target(from_status, event), move_fields(event, kwargs.get("agent"))
+    return _target(from_status, event)
 
 
 def _target(from_status: TaskStatus, event: str) -> TaskStatus:
@@ -122,78 +236,63 @@ def _target(from_status: TaskStatus, event: str) -> TaskStatus:
 
 
 class _Increment:
-    """``set_={"attempts": INCREMENT}`` adds one to the column in the same write."""
+    """A column value that adds one to the column in the same write."""
 
     def __repr__(self) -> str:
         return "INCREMENT"
 
 
-INCREMENT: Any = _Increment()
+_INCREMENT: Any = _Increment()
+_NO_EFFECTS = Effects()  # an unknown event: refused before any write
 
 
-def apply_transition(
-    db: Database,
-    task_id: int,
-    event: str,
-    *,
-    expected: TaskStatus | None = None,
-    agent: str | None = None,
-    reason: str | None = None,
-    worker: str | None = None,
-    set_: Mapping[str, Any] | None = None,
-    guard: Mapping[str, Any] | None = None,
-    returning: Sequence[str] = (),
-) -> TransitionResult:
-    """Apply ``event`` to task ``task_id``: validate, compare-and-set, audit, commit.
+@dataclass(frozen=True, slots=True)
+class _Write:
+    """A move as the back-ends write it: its row of EFFECTS resolved, values storable."""
 
-    ``expected`` is the status the caller believes the task is in (a hop knows it); it
-    saves loading the row. Without it the row is read first. ``set_`` adds column
-    values to the update (:data:`INCREMENT` adds one to a column), ``guard`` adds
-    equality conditions to the compare-and-set (None: IS NULL), ``returning`` names
-    task columns to hand back in ``result.row``.
+    task_id: int
+    event: str
+    expected: TaskStatus | None
+    agent: str | None
+    reason: str | None
+    worker: str | None
+    values: dict[str, Any]  # column -> value, or _INCREMENT; not status or updated_at
+    guard: dict[str, Any]  # column -> value the row must hold (None: IS NULL)
+    returning: tuple[str, ...]
 
-    Raises TransitionNotAllowed, ResultRejected, InvalidPayload (nothing written) and
-    DatabaseUnavailable.
-    """
-    if reason is not None:
-        reason = storable_text(reason)
-    if set_:
-        set_ = _storable(set_)
-    if db.is_postgres:
-        result = _apply_postgres(
-            db, task_id, event, expected, agent, reason, worker, set_, guard, returning
+    @classmethod
+    def of(cls, move: Move, worker: str | None) -> _Write:
+        """Raises ResultRejected, InvalidPayload."""
+        reason = storable_text(move.reason) if move.reason is not None else None
+        result = encode_result(move.result) if move.result is not None else None
+        effects = EFFECTS.get(move.event, _NO_EFFECTS)
+        inputs = {
+            Input.AGENT: move.agent,
+            Input.REASON: reason,
+            Input.RESULT: result,
+            Input.PRECLAIM: move.preclaim,
+            Input.PRECLAIM_UNTIL: move.preclaim_until,
+        }
+        values = effects.values(inputs)
+        for column in effects.increments:
+            values[column] = _INCREMENT
+        if move.extra_columns:
+            values.update(_storable(move.extra_columns))
+        return cls(
+            move.task_id,
+            move.event,
+            move.expected,
+            move.agent,
+            reason,
+            worker,
+            values,
+            move.guard(),
+            move.returning,
         )
-    else:
-        result = _apply_sqlalchemy(
-            db, task_id, event, expected, agent, reason, worker, set_, guard, returning
-        )
-    if result.outcome is Outcome.APPLIED:
-        assert result.from_status is not None and result.to_status is not None
-        metrics.transition(event, result.agent)
-        log.info(
-            "task_transition",
-            task_id=task_id,
-            transition=event,
-            from_status=result.from_status.value,
-            to_status=result.to_status.value,
-            agent=result.agent,
-            detail=reason,
-        )
-    return result
 
-
-def _values(
-    event: str,
-    from_status: TaskStatus,
-    agent: str | None,
-    reason: str | None,
-    set_: Mapping[str, Any] | None,
-) -> tuple[TaskStatus, dict[str, Any], Any]:
-    """The state machine's verdict and the columns the update writes."""
-    to_status, changes = plan(from_status, event, agent=agent, reason=reason)
-    now = utcnow()
-    values: dict[str, Any] = {**changes, **(set_ or {}), "status": to_status, "updated_at": now}
-    return to_status, values, now
+    def event_agent(self) -> str | None:
+        """The agent the audit row names, if known before the write."""
+        return self.agent if self.agent is not None else self.values.get("assigned_agent")
 
 
 _JSON_COLUMNS = frozenset({"payload", "result"})
@@ -238,14 +337,14 @@ def _pg_statement(
 ) -> tuple[str, tuple[str, ...]]:
     """The compare-and-set and audit insert of one shape of transition, as one statement.
 
-    ``value_cols``: (column, INCREMENT, _NOW or None for a parameter); ``guard_cols``:
+    ``value_cols``: (column, _INCREMENT, _NOW or None for a parameter); ``guard_cols``:
     (column, is_null). The event and statuses are literals and the timestamps the
     transaction's ``now()``, so each shape is one prepared statement with few
     parameters. Returns the SQL and the names of the RETURNING columns.
     """
 
     def assignment(column: str, kind: Any) -> str:
-        if kind is INCREMENT:
+        if kind is _INCREMENT:
             return f"{column} = {column} + 1"
         return f"{column} = now()" if kind is _NOW else f"{column} = %s"
 
@@ -284,42 +383,32 @@ def _pg_param(column: str, value: Any) -> Any:
     return value
 
 
-def _apply_postgres(
-    db: Database,
-    task_id: int,
-    event: str,
-    expected: TaskStatus | None,
-    agent: str | None,
-    reason: str | None,
-    worker: str | None,
-    set_: Mapping[str, Any] | None,
-    guard: Mapping[str, Any] | None,
-    returning: Sequence[str],
-) -> TransitionResult:
+def _apply_postgres(db: Database, write: _Write) -> TransitionResult:
+    task_id, event = write.task_id, write.event
     with db.driver_connection() as conn:
-        from_status = expected
+        from_status = write.expected
         if from_status is None:
             stored = conn.execute("SELECT status FROM tasks WHERE id = %s", (task_id,)).fetchone()
             if stored is None:
                 return TransitionResult(Outcome.NOT_FOUND, task_id, event)
             from_status = TaskStatus(stored[0])
-        to_status, changes = plan(from_status, event, agent=agent, reason=reason)
-        values: dict[str, Any] = {**changes, **(set_ or {}), "updated_at": _NOW}
-        guard = guard or {}
+        to_status = _verdict(from_status, event, agent=write.agent, reason=write.reason)
+        values: dict[str, Any] = {**write.values, "updated_at": _NOW}
+        guard = write.guard
         value_cols = tuple(
-            (c, v if v is INCREMENT or v is _NOW else None) for c, v in values.items()
+            (c, v if v is _INCREMENT or v is _NOW else None) for c, v in values.items()
         )
         guard_cols = tuple((c, v is None) for c, v in guard.items())
         sql, cols = _pg_statement(
-            event, from_status.value, to_status.value, value_cols, guard_cols, tuple(returning)
+            event, from_status.value, to_status.value, value_cols, guard_cols, write.returning
         )
         params: list[Any] = [
-            _pg_param(c, v) for c, v in values.items() if v is not INCREMENT and v is not _NOW
+            _pg_param(c, v) for c, v in values.items() if v is not _INCREMENT and v is not _NOW
         ]
         params.append(task_id)
         params += [_pg_param(c, v) for c, v in guard.items() if v is not None]
-        event_agent = agent if agent is not None else values.get("assigned_agent")
-        params += [event_agent, reason, worker]
+        event_agent = write.event_agent()
+        params += [event_agent, write.reason, write.worker]
         found = conn.execute(sql, params, prepare=True).fetchone()
     if found is None:
         return TransitionResult(Outcome.STALE, task_id, event, from_status, to_status)
@@ -327,27 +416,17 @@ def _apply_postgres(
     if event_agent is None:
         event_agent = row["assigned_agent"]
     return TransitionResult(
-        Outcome.APPLIED, task_id, event, from_status, to_status, row, event_agent
+        Outcome.APPLIED, task_id, event, from_status, to_status, row, event_agent, write.reason
     )
 
 
 # -- SQLite (and any other dialect): SQLAlchemy, one transaction -----------------------
 
 
-def _apply_sqlalchemy(
-    db: Database,
-    task_id: int,
-    event: str,
-    expected: TaskStatus | None,
-    agent: str | None,
-    reason: str | None,
-    worker: str | None,
-    set_: Mapping[str, Any] | None,
-    guard: Mapping[str, Any] | None,
-    returning: Sequence[str],
-) -> TransitionResult:
+def _apply_sqlalchemy(db: Database, write: _Write) -> TransitionResult:
+    task_id, event = write.task_id, write.event
     with db.begin() as conn:
-        from_status = expected
+        from_status = write.expected
         if from_status is None:
             stored = conn.execute(
                 select(tasks_table.c.status).where(tasks_table.c.id == task_id)
@@ -355,17 +434,19 @@ def _apply_sqlalchemy(
             if stored is None:
                 return TransitionResult(Outcome.NOT_FOUND, task_id, event)
             from_status = TaskStatus(stored)
-        to_status, values, now = _values(event, from_status, agent, reason, set_)
-        guard = dict(guard or {})
-        increments = tuple(sorted(c for c, v in values.items() if v is INCREMENT))
-        values = {c: v for c, v in values.items() if v is not INCREMENT}
+        to_status = _verdict(from_status, event, agent=write.agent, reason=write.reason)
+        now = utcnow()
+        values = {**write.values, "status": to_status, "updated_at": now}
+        guard = write.guard
+        increments = tuple(sorted(c for c, v in values.items() if v is _INCREMENT))
+        values = {c: v for c, v in values.items() if v is not _INCREMENT}
         cas, insert = _statements(
             tuple(sorted(values)),
             increments,
             tuple(sorted((k, v is None) for k, v in guard.items())),
-            tuple(returning),
+            write.returning,
         )
-        event_agent = agent if agent is not None else values.get("assigned_agent")
+        event_agent = write.event_agent()
         params: dict[str, Any] = {"task_id": task_id, "from_status": from_status}
         params.update({f"v_{k}": _sqlite_param(v) for k, v in values.items()})
         params.update({f"g_{k}": v for k, v in guard.items() if v is not None})
@@ -381,13 +462,13 @@ def _apply_sqlalchemy(
             "e_from_status": from_status,
             "e_to_status": to_status,
             "e_agent": event_agent,
-            "e_detail": reason,
-            "e_worker": worker,
+            "e_detail": write.reason,
+            "e_worker": write.worker,
             "e_at": now,
         }
         conn.execute(insert, audit)
     return TransitionResult(
-        Outcome.APPLIED, task_id, event, from_status, to_status, row, event_agent
+        Outcome.APPLIED, task_id, event, from_status, to_status, row, event_agent, write.reason
     )
 
 
