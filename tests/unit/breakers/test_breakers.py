@@ -4,7 +4,9 @@ Each defect of pybreaker's stock ``CircuitRedisStorage`` that the package fixes 
 ``test_stock_*`` test showing it, beside a test showing ours gets it right. Redis tests
 run on a redis-server of this module's own on a spare port (flushed around each test;
 the machine's shared Redis is never touched) and fail, not skip, when it cannot start;
-tests that stop Redis run one of their own.
+tests that stop Redis run one of their own. Reset timeouts and trial leases pass on a
+fake clock given to the boards (the stock breaker's by moving its ``opened_at`` back),
+never by sleeping.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from orchestration.breakers import (
     SharedBreaker,
 )
 from orchestration.errors import InfrastructureError
+from tests.fake_clock import FakeClock
 from tests.support import OwnRedis, free_port
 
 # Children come from a fork server that has imported this module once: starting
@@ -85,6 +88,15 @@ def _stock_breaker(client: redis.Redis, namespace: str, **kwargs: Any) -> pybrea
 
 def _fail() -> None:
     raise DownstreamDown("down")
+
+
+def _elapse_stock(client: redis.Redis, namespace: str, reset_timeout_s: float) -> None:
+    """Let a stock breaker's reset timeout pass: move its ``opened_at`` (epoch seconds,
+    wall clock) back, in Redis (pybreaker's setter only ever moves it forward)."""
+    key = f"{namespace}:pybreaker:opened_at"
+    opened_at = int(client.get(key) or 0)
+    assert opened_at
+    client.set(key, opened_at - int(reset_timeout_s) - 2)
 
 
 def _info(board: BreakerBoard, name: str) -> Any:
@@ -183,15 +195,27 @@ def _hammer(barrier: Any, url: str, name: str, fail_max: int, calls: int) -> dic
 
 
 def _trial_race(
-    barrier: Any, impl: str, url: str, name: str, outcome: str, reset_timeout_s: float
+    barrier: Any,
+    impl: str,
+    url: str,
+    name: str,
+    outcome: str,
+    reset_timeout_s: float,
+    now: float | None = None,
 ) -> dict[str, Any]:
-    """Everyone calls at once after the reset timeout; then everyone calls once more."""
+    """Everyone calls at once after the reset timeout; then everyone calls once more.
+
+    A call that got through holds its handler until every process has called or been
+    refused. ``now``: the time on the boards' clock (it stands still).
+    """
     handled = 0
+    waited = False
 
     def handler() -> str:
-        nonlocal handled
+        nonlocal handled, waited
         handled += 1
-        time.sleep(0.5)  # the trial is still running while the others try
+        waited = True
+        barrier.wait(timeout=30)  # the trial is still running while the others try
         if outcome == "fail":
             raise DownstreamDown("still down")
         return "ok"
@@ -204,9 +228,11 @@ def _trial_race(
         barrier.wait(timeout=30)
         with contextlib.suppress(DownstreamDown, pybreaker.CircuitBreakerError):
             cb.call(handler)
+        if not waited:
+            barrier.wait(timeout=30)
         barrier.wait(timeout=30)
         return {"handled": handled}
-    board = BreakerBoard(url)
+    board = BreakerBoard(url, clock=None if now is None else lambda: now)
     breaker = board.breaker(name, fail_max=1, reset_timeout_s=reset_timeout_s, trial_lease_s=10)
     barrier.wait(timeout=30)
     try:
@@ -215,6 +241,8 @@ def _trial_race(
         result["refused_state"] = refused.state
     except DownstreamDown:
         pass
+    if not waited:
+        barrier.wait(timeout=30)  # with the trial, while it runs
     result["handled"] = handled
     barrier.wait(timeout=30)  # every first call has ended
     try:
@@ -272,10 +300,11 @@ def test_hammering_processes_never_overshoot(url: str) -> None:
 @pytest.mark.integration
 def test_stock_half_open_lets_every_process_try(url: str) -> None:
     # Given a stock breaker opened with a 0.3 s reset timeout, and the timeout passed
-    cb = _stock_breaker(redis.Redis.from_url(url), "stock:trial", fail_max=1, reset_timeout=0.3)
+    client = redis.Redis.from_url(url)
+    cb = _stock_breaker(client, "stock:trial", fail_max=1, reset_timeout=0.3)
     with pytest.raises(pybreaker.CircuitBreakerError):
         cb.call(_fail)
-    time.sleep(0.4)
+    _elapse_stock(client, "stock:trial", 0.3)
     # When 6 processes call at once
     results = _run_children(_trial_race, 6, "stock", url, "stock:trial", "succeed", 0.3)
     # Then every one of them made a "trial" call
@@ -285,10 +314,12 @@ def test_stock_half_open_lets_every_process_try(url: str) -> None:
 @pytest.mark.integration
 def test_one_trial_cluster_wide_and_its_success_closes_for_all(url: str) -> None:
     # Given our breaker opened with a 0.3 s reset timeout, and the timeout passed
-    BreakerBoard(url).breaker("agent:trial", fail_max=1, reset_timeout_s=0.3).force_open()
-    time.sleep(0.4)
+    clock = FakeClock()
+    board = BreakerBoard(url, clock=clock)
+    board.breaker("agent:trial", fail_max=1, reset_timeout_s=0.3).force_open()
+    clock.advance(0.4)
     # When 6 processes call at once, and the trial succeeds
-    results = _run_children(_trial_race, 6, "ours", url, "agent:trial", "succeed", 0.3)
+    results = _run_children(_trial_race, 6, "ours", url, "agent:trial", "succeed", 0.3, clock.now)
     # Then exactly one called; the others were refused while it ran (half-open)
     assert sum(r["handled"] for r in results) == 1
     assert sorted(r.get("refused_state", "") for r in results) == [""] + [STATE_HALF_OPEN] * 5
@@ -300,13 +331,14 @@ def test_one_trial_cluster_wide_and_its_success_closes_for_all(url: str) -> None
 @pytest.mark.integration
 def test_failed_trial_reopens_for_all_with_a_fresh_timeout(url: str) -> None:
     # Given our breaker opened with a 0.3 s reset timeout, and the timeout passed
-    board = BreakerBoard(url)
+    clock = FakeClock()
+    board = BreakerBoard(url, clock=clock)
     board.breaker("agent:trial-fail", fail_max=1, reset_timeout_s=0.3).force_open()
     first_opened_at = _info(board, "agent:trial-fail").opened_at
     assert first_opened_at is not None
-    time.sleep(0.4)
+    clock.advance(0.4)
     # When 6 processes (reset timeout now 5 s) call at once, and the trial fails
-    results = _run_children(_trial_race, 6, "ours", url, "agent:trial-fail", "fail", 5.0)
+    results = _run_children(_trial_race, 6, "ours", url, "agent:trial-fail", "fail", 5.0, clock.now)
     # Then exactly one called, and everyone is refused afterwards for about 5 s more
     assert sum(r["handled"] for r in results) == 1
     assert [r["then"] for r in results] == ["refused"] * 6
@@ -318,11 +350,12 @@ def test_failed_trial_reopens_for_all_with_a_fresh_timeout(url: str) -> None:
 @pytest.mark.integration
 def test_trial_lease_expires_when_its_caller_died(url: str) -> None:
     # Given an open breaker whose trial permit went to a caller that never reports
-    a, b = BreakerBoard(url, cache_ttl_s=0.0), BreakerBoard(url)
+    clock = FakeClock()
+    a, b = BreakerBoard(url, cache_ttl_s=0.0, clock=clock), BreakerBoard(url, clock=clock)
     breaker_a = a.breaker("agent:lease", fail_max=1, reset_timeout_s=0.2, trial_lease_s=0.3)
     breaker_b = b.breaker("agent:lease", fail_max=1, reset_timeout_s=0.2, trial_lease_s=0.3)
     breaker_a.force_open()
-    time.sleep(0.25)
+    clock.advance(0.25)
     assert breaker_a.before_call().trial
     # Then others are refused while the lease lasts ...
     with pytest.raises(BreakerOpen) as refused:
@@ -331,7 +364,7 @@ def test_trial_lease_expires_when_its_caller_died(url: str) -> None:
     assert 0 < refused.value.remaining_s <= 0.3
     assert _info(b, "agent:lease").trial_in_progress
     # ... and one of them gets the trial once it lapsed
-    time.sleep(0.35)
+    clock.advance(0.35)
     permit = breaker_b.before_call()
     assert permit.trial
     breaker_b.on_success(permit)
@@ -340,10 +373,11 @@ def test_trial_lease_expires_when_its_caller_died(url: str) -> None:
 
 @pytest.mark.integration
 def test_interrupted_trial_frees_the_lease_without_a_verdict(url: str) -> None:
-    board = BreakerBoard(url, cache_ttl_s=0.0)
+    clock = FakeClock()
+    board = BreakerBoard(url, cache_ttl_s=0.0, clock=clock)
     breaker = board.breaker("agent:interrupt", fail_max=1, reset_timeout_s=0.1)
     breaker.force_open()
-    time.sleep(0.15)
+    clock.advance(0.15)
 
     def interrupted() -> None:
         raise KeyboardInterrupt
@@ -477,10 +511,11 @@ def test_stock_storage_breaks_with_decode_responses(url: str) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("how", ["option", "url"])
 def test_decode_responses_is_fine(url: str, how: str) -> None:
+    clock = FakeClock()
     board = (
-        BreakerBoard(url, redis_options={"decode_responses": True})
+        BreakerBoard(url, redis_options={"decode_responses": True}, clock=clock)
         if how == "option"
-        else BreakerBoard(f"{url}?decode_responses=true")
+        else BreakerBoard(f"{url}?decode_responses=true", clock=clock)
     )
     breaker = board.breaker("agent:decode", fail_max=2, reset_timeout_s=0.2)
     for _ in range(2):
@@ -491,7 +526,7 @@ def test_decode_responses_is_fine(url: str, how: str) -> None:
     info = _info(board, "agent:decode")
     assert (info.state, info.fail_count) == (STATE_OPEN, 2)
     assert info.opened_at is not None and info.next_trial_at is not None
-    time.sleep(0.25)
+    clock.advance(0.25)
     assert breaker.call(lambda: "ok") == "ok"
     assert breaker.state == STATE_CLOSED
     board.reset("agent:decode")
@@ -611,15 +646,16 @@ def _raiser(exc: BaseException) -> Callable[[], None]:
 @pytest.mark.integration
 def test_state_changes_are_logged_and_reported_once(url: str) -> None:
     changes: list[BreakerStateChange] = []
-    board = BreakerBoard(url, on_state_change=changes.append)
+    clock = FakeClock()
+    board = BreakerBoard(url, on_state_change=changes.append, clock=clock)
     breaker = board.breaker("agent:log", fail_max=1, reset_timeout_s=0.1)
     with capture_logs() as logs:
         with pytest.raises(DownstreamDown):
             breaker.call(_fail)
-        time.sleep(0.15)
+        clock.advance(0.15)
         with pytest.raises(DownstreamDown):
             breaker.call(_fail)  # trial fails
-        time.sleep(0.15)
+        clock.advance(0.15)
         breaker.call(lambda: None)  # trial succeeds
     expected = [
         (STATE_CLOSED, STATE_OPEN),
@@ -651,11 +687,12 @@ def test_a_failing_hook_is_logged_not_raised(url: str) -> None:
 @pytest.mark.integration
 def test_failures_of_calls_admitted_before_a_close_are_not_counted(url: str) -> None:
     # Given a call admitted while closed, then an open/trial/close cycle meanwhile
-    breaker = BreakerBoard(url).breaker("agent:stale", fail_max=1, reset_timeout_s=0.1)
+    clock = FakeClock()
+    breaker = BreakerBoard(url, clock=clock).breaker("agent:stale", fail_max=1, reset_timeout_s=0.1)
     slow = breaker.before_call()
     with pytest.raises(DownstreamDown):
         breaker.call(_fail)
-    time.sleep(0.15)
+    clock.advance(0.15)
     breaker.call(lambda: None)
     # When the old call fails at last
     breaker.on_failure(slow, DownstreamDown("late"))
@@ -745,7 +782,8 @@ def test_pybreaker_entry_points_use_the_shared_path(url: str) -> None:
 
 def test_in_memory_board_has_the_same_behaviour() -> None:
     changes: list[BreakerStateChange] = []
-    board = BreakerBoard(None, on_state_change=changes.append)
+    clock = FakeClock()
+    board = BreakerBoard(None, on_state_change=changes.append, clock=clock)
     breaker = board.breaker("agent:mem", fail_max=2, reset_timeout_s=0.1, exclude=(Escalate,))
     assert isinstance(breaker, SharedBreaker)
     with pytest.raises(Escalate):
@@ -757,7 +795,7 @@ def test_in_memory_board_has_the_same_behaviour() -> None:
         breaker.call(_fail)
     assert 0 < refused.value.remaining_s <= 0.1
     assert [(i.name, i.state, i.fail_count) for i in board.list()] == [("agent:mem", "open", 2)]
-    time.sleep(0.15)
+    clock.advance(0.15)
     trial = breaker.before_call()
     assert isinstance(trial, Permit) and trial.trial
     with pytest.raises(BreakerOpen):

@@ -1,4 +1,4 @@
-"""taskrail's Redis transport against the real Redis: batched fetch, once-delivery,
+"""taskrail's Redis transport against the real Redis: batched fetch, restored messages,
 held acknowledgements and pushes, and wire compatibility with kombu's own transport."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import redis
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from orchestration.messaging import protocol, redisbroker
+from orchestration.messaging import protocol, redisbroker, redisfetch
 from tests.support import purge
 
 pytestmark = pytest.mark.integration
@@ -83,6 +83,7 @@ def test_one_read_fetches_the_prefetch_window_recorded_as_kombu_does(
     with stock(broker_url, prefix) as conn:
         publish(conn, 5)
     client = redis.Redis.from_url(broker_url)
+    client.script_load(redisfetch.FETCH_LUA)  # a fresh server answers NOSCRIPT once
     before = commands(client, "brpop", "evalsha")
     # When taskrail's transport reads once with a window of 5 and acknowledges nothing
     with ours(broker_url, prefix) as conn:
@@ -124,57 +125,16 @@ def test_messages_from_taskrail_reach_kombus_own_transport(broker_url: str, pref
     assert json.loads(got[3].body)[0] == [7]
 
 
-def _once_message(token: str, retries: int = 0) -> dict[str, Any]:
-    message = protocol.envelope(
-        "taskrail.execute", [1, 0, "a"], "q", headers={redisbroker.ONCE_HEADER: token}
-    )
-    message["headers"]["retries"] = retries
-    return message
-
-
-def test_a_once_message_is_delivered_once_and_a_celery_retry_again(
-    broker_url: str, prefix: str
-) -> None:
-    client = redis.Redis.from_url(broker_url)
+def test_a_message_given_back_unrun_is_delivered_again(broker_url: str, prefix: str) -> None:
+    # Given a message fetched and never acknowledged
     with ours(broker_url, prefix) as conn:
-        channel = conn.default_channel
-        # Given two copies of one pre-claimed message, then Celery's retry of it, and
-        # a copy behind the retry
-        channel.push([("q", _once_message("tok"))])
-        channel.push([("q", _once_message("tok"))])
-        channel.push([("q", _once_message("tok", retries=1))])
-        channel.push([("q", _once_message("tok"))])
-        # When a consumer reads them all
-        got = consume(conn, prefetch=10, ack=True)
-    # Then the first copy and the retry arrive, marked first; the copies are gone
-    assert [m.headers["retries"] for m in got] == [0, 1]
-    assert all(m.headers[redisbroker.FIRST_HEADER] is True for m in got)
-    assert client.llen(f"{prefix}q") == 0
-    assert client.hlen(f"{prefix}unacked") == 0
-
-
-def test_a_copy_handed_over_by_brpop_is_delivered_marked_as_a_copy(
-    broker_url: str, prefix: str
-) -> None:
-    with ours(broker_url, prefix) as conn:
-        channel = conn.default_channel
-        channel.push([("q", _once_message("tok2"))])
-        first = consume(conn, prefetch=1, ack=True)
-        channel.push([("q", _once_message("tok2"))])
-        second = consume(conn, prefetch=1, ack=True)
-    assert [m.headers[redisbroker.FIRST_HEADER] for m in first + second] == [True, False]
-
-
-def test_a_once_message_given_back_unrun_is_delivered_again(broker_url: str, prefix: str) -> None:
-    # Given a once message fetched and never acknowledged
-    with ours(broker_url, prefix) as conn:
-        conn.default_channel.push([("q", _once_message("tok3"))])
+        conn.default_channel.push([("q", protocol.envelope("taskrail.execute", [1, 0, "a"], "q"))])
         assert len(consume(conn, prefetch=1, ack=False)) == 1
-    # When its consumer went away (the message was restored), then another gets it, first
+    # When its consumer went away (the message was restored), then another gets it
     with ours(broker_url, prefix) as conn:
         again = consume(conn, prefetch=1, ack=True)
     assert len(again) == 1
-    assert again[0].headers[redisbroker.FIRST_HEADER] is True
+    assert again[0].headers["task"] == "taskrail.execute"
 
 
 def test_an_unreadable_message_in_a_batch_is_dropped_and_the_rest_delivered(
