@@ -2,7 +2,7 @@
 
 ::
 
-    metrics.transition("complete", "payroll_agent")      # the transition store, per event
+    metrics.transition("complete", "payroll_agent")      # workers.runtime, per transition
     metrics.hop_duration("execute", 0.012)               # workers.hops.hop_scope, per hop
     metrics.attempt("payroll_agent", "succeeded")         # the execute hop, per handler call
     metrics.deferral("payroll_agent")                     # the execute hop, per deferral
@@ -125,7 +125,8 @@ def _failed(what: str, err: Exception) -> None:
 
 
 def transition(event: str, agent: object) -> None:
-    """Count one transition written by the transition store (``agent`` may be None)."""
+    """Count one transition written (``agent`` may be None); the worker runtime registers
+    it as a listener of its transition store."""
     try:
         _get().transitions.labels(event, agent or "").inc()
     except Exception as err:

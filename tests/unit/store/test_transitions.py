@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, insert, select
@@ -20,9 +21,15 @@ from orchestration.agents import ensure_json
 from orchestration.constants import MAX_REASON_CHARS
 from orchestration.errors import ResultRejected
 from orchestration.models import Base, TaskStatus, events_table, tasks_table, utcnow
-from orchestration.state_machine import TaskStateMachine
+from orchestration.moves import EFFECTS, LIFECYCLE_COLUMNS, RUN_COLUMNS, Move
+from orchestration.state_machine import EVENTS, TaskStateMachine, move_fields
 from orchestration.store.db import Database
-from orchestration.store.transitions import Outcome, apply_transition
+from orchestration.store.transitions import (
+    Outcome,
+    TransitionResult,
+    TransitionStore,
+    apply_transition,
+)
 from orchestration.values import read_json, read_text
 
 S = TaskStatus
@@ -698,3 +705,125 @@ def test_migration_keeps_the_status_check_and_idempotency_unique_on_postgres(
     assert active["column_names"] == ["updated_at"]
     assert "in_progress" in active["dialect_options"]["postgresql_where"]
     assert "ix_tasks_status_updated_at" not in indexes
+
+
+# -- the effects table, moves and listeners (issue 20) --------------------------------
+
+
+def test_each_event_writes_its_row_of_the_effects_table(db: Database) -> None:
+    # Given an assigned task with a stale deferral and error
+    then = utcnow() - timedelta(minutes=1)
+    task_id = insert_task(db, S.ASSIGNED, assigned_agent="a", not_before=then, deferred_since=then)
+    store = TransitionStore(db, worker="w-1")
+    until = utcnow() + timedelta(seconds=30)
+
+    # When it starts with a pre-claim, then completes with a result under that lease
+    started = store.apply(
+        Move(task_id, "start", expected=S.ASSIGNED, preclaim="q:w/1", preclaim_until=until)
+    )
+    leased = task_row(db, task_id)
+    done = store.apply(
+        Move(task_id, "complete", expected=S.IN_PROGRESS, result={"ok": 1}, lease="q:w/1")
+    )
+
+    # Then start counted the attempt and leased it; complete stored the result and
+    # cleared the run's lease and deferral
+    assert started.applied and done.applied
+    assert (leased["attempts"], leased["lease_owner"]) == (1, "q:w/1")
+    assert abs(leased["lease_expires_at"] - until) < timedelta(seconds=1)
+    row = task_row(db, task_id)
+    assert read_json(row["result"]) == {"ok": 1}
+    assert row["completed_at"] is not None
+    assert [row[c] for c in RUN_COLUMNS] == [None] * len(RUN_COLUMNS)
+    assert [e["worker"] for e in task_events(db, task_id)] == ["w-1", "w-1"]
+
+
+@pytest.mark.parametrize("event", ["fail", "escalate"])
+def test_fail_and_escalate_store_the_reason_and_end_the_run(db: Database, event: str) -> None:
+    task_id = insert_task(
+        db,
+        S.IN_PROGRESS,
+        assigned_agent="a",
+        attempts=2,
+        lease_owner="r:w/1",
+        lease_expires_at=utcnow() + timedelta(seconds=30),
+    )
+    store = TransitionStore(db)
+
+    # A move checking another lease or another attempt count loses the compare-and-set
+    assert not store.apply(Move(task_id, event, expected=S.IN_PROGRESS, lease="r:w/2")).applied
+    assert not store.apply(Move(task_id, event, expected=S.IN_PROGRESS, attempts=1)).applied
+    moved = store.apply(
+        Move(task_id, event, expected=S.IN_PROGRESS, reason="why", lease="r:w/1", attempts=2)
+    )
+
+    assert moved.applied and moved.detail == "why"
+    row = task_row(db, task_id)
+    assert row["last_error"] == "why"
+    assert [row[c] for c in RUN_COLUMNS] == [None] * len(RUN_COLUMNS)
+    assert row["attempts"] == 2
+
+
+def test_effects_cover_the_machines_events_and_the_machine_applies_the_lifecycle_part() -> None:
+    assert tuple(EFFECTS) == EVENTS
+    for event, effects in EFFECTS.items():
+        lifecycle = {c for c in (*effects.sets, *effects.clears) if c in LIFECYCLE_COLUMNS}
+        assert set(move_fields(event, agent="a")) == lifecycle, event
+    # the machine never counts: start's attempt is counted by the store's write
+    assert move_fields("start") == {}
+
+
+def test_listeners_hear_applied_transitions_and_one_that_raises_is_logged(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a store with a listener that raises before one that records
+    heard: list[TransitionResult] = []
+
+    def broken(result: TransitionResult) -> None:
+        raise RuntimeError("listener down")
+
+    store = TransitionStore(db, listeners=(broken, heard.append))
+    task_id = insert_task(db)
+
+    # When a move applies, and a duplicate of it does not
+    with structlog.testing.capture_logs() as logs:
+        applied = store.apply(Move(task_id, "assign", expected=S.PENDING, agent="a"))
+        stale = store.apply(Move(task_id, "assign", expected=S.PENDING, agent="b"))
+
+    # Then the transition stands, the second listener heard it once, the failure is logged
+    assert applied.applied and not stale.applied
+    assert heard == [applied]
+    [failed] = [line for line in logs if line["event"] == "transition_listener_failed"]
+    assert failed["task_id"] == task_id and "listener down" in failed["error"]
+    assert task_row(db, task_id)["status"] == S.ASSIGNED
+
+
+def test_the_default_store_logs_each_transition(db: Database) -> None:
+    task_id = insert_task(db)
+    with structlog.testing.capture_logs() as logs:
+        apply_transition(db, task_id, "assign", expected=S.PENDING, agent="a", reason="r")
+    [line] = [line for line in logs if line["event"] == "task_transition"]
+    assert (line["task_id"], line["transition"], line["agent"], line["detail"]) == (
+        task_id,
+        "assign",
+        "a",
+        "r",
+    )
+
+
+def test_the_transition_store_does_not_import_metrics() -> None:
+    import ast
+    import inspect
+
+    from orchestration.store import transitions
+
+    tree = ast.parse(inspect.getsource(transitions))
+    imported = {
+        node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+    } | {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    assert not any(name.startswith("orchestration.ops") for name in imported), imported
