@@ -21,17 +21,12 @@ or an InfrastructureError. Payloads, results and reasons read back as they were 
 
 from __future__ import annotations
 
-import random
 import threading
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any
 
-import orjson
-import psycopg
-from sqlalchemy import Text, bindparam, func, select
-from sqlalchemy.dialects import sqlite
+from sqlalchemy import func, select
 
 from orchestration import constants as c
 from orchestration.agents import load_agent_modules, registry
@@ -41,14 +36,14 @@ from orchestration.errors import (
     InvalidTaskItem,
     NotRetryable,
     TaskNotFound,
-    WriteConflict,
     short_repr,
 )
 from orchestration.logging import get_logger
 from orchestration.messaging.dispatch import Dispatcher, make_celery
-from orchestration.models import TaskStatus, events_table, tasks_table, utcnow
+from orchestration.models import TaskStatus, events_table, tasks_table
 from orchestration.settings import Settings, get_settings
 from orchestration.store.db import ConnectionTimeouts, Database
+from orchestration.store.inserts import NewRow, insert_tasks
 from orchestration.store.records import EventRecord, TaskRecord
 from orchestration.store.transitions import Outcome, TransitionNotAllowed, apply_transition
 from orchestration.values import (
@@ -61,46 +56,8 @@ from orchestration.values import (
 log = get_logger("taskrail.api")
 
 MAX_KEY_LENGTH = c.MAX_IDEMPOTENCY_KEY_CHARS
-# serialization_failure, deadlock_detected: the transaction lost a conflict; try again.
-_CONFLICT_STATES = frozenset({"40001", "40P01"})
 # Task ids are BIGINT: an id outside 1 .. 2**63-1 names no task.
 _MAX_TASK_ID = 2**63 - 1
-
-
-# submit_many on PostgreSQL: every row of the batch (a JSON array of
-# [client_id, task_type, payload, idempotency_key]) in one INSERT; ids drawn and answered
-# in input order, rows inserted in the order of their keys: two batches that share keys
-# take their locks in one order, never each waiting on the other (a deadlock).
-_INSERT_MANY = """
-WITH src AS (
-    SELECT nextval(pg_get_serial_sequence('tasks', 'id')) AS id, o, e
-    FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS a(e, o)
-), ins AS (
-    INSERT INTO tasks (id, client_id, task_type, status, payload, attempts,
-                       idempotency_key, created_at, updated_at)
-    SELECT id, (e->>0)::bigint, e->>1, 'pending', e->2, 0, e->>3, now(), now()
-    FROM src ORDER BY (e->>3) COLLATE "C", o
-    ON CONFLICT (idempotency_key) DO NOTHING
-    RETURNING id
-)
-SELECT src.id, ins.id IS NOT NULL, src.e->>3 FROM src LEFT JOIN ins USING (id) ORDER BY src.o
-"""
-
-
-def _insert_batch(conn: Any, batch: str) -> tuple[list[Any], dict[str, int]]:
-    """Run _INSERT_MANY on ``conn``; (id, created, key) per row, and the ids of keys taken
-    before this statement (or twice in this batch)."""
-    created = conn.execute(_INSERT_MANY, (batch,)).fetchall()
-    missing = [key for _id, is_new, key in created if not is_new]
-    existing: dict[str, int] = {}
-    if missing:
-        existing = dict(
-            conn.execute(
-                "SELECT idempotency_key, id FROM tasks WHERE idempotency_key = ANY(%s)",
-                (missing,),
-            ).fetchall()
-        )
-    return created, existing
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,15 +68,6 @@ class NewTask:
     client_id: int
     payload: Mapping[str, Any] | None = None
     idempotency_key: str | None = None
-
-
-class _Row(NamedTuple):
-    """One checked item of submit_many, as it is inserted."""
-
-    client_id: int
-    task_type: str
-    payload: str  # the JSON text it was checked as
-    idempotency_key: str | None
 
 
 _FIELDS = tuple(f.name for f in fields(NewTask))
@@ -143,7 +91,7 @@ def _new_task(item: Any, index: int) -> NewTask:
     return NewTask(**item)
 
 
-def _check(new: NewTask, known: set[str]) -> _Row:
+def _check(new: NewTask, known: set[str]) -> NewRow:
     """One task checked by the rules the worker applies to a loaded row; ``known`` holds
     the task types found in the registry so far (a batch looks each up once).
 
@@ -153,7 +101,7 @@ def _check(new: NewTask, known: set[str]) -> _Row:
     if task_type not in known:
         registry.for_task_type(task_type)
         known.add(task_type)
-    return _Row(
+    return NewRow(
         check_client_id(new.client_id),
         task_type,
         encode_payload(new.payload).text,
@@ -231,7 +179,7 @@ class Taskrail:
             raise InputError(
                 f"submit_many takes NewTask items or mappings, got {type(items).__name__}"
             ) from None
-        rows: list[_Row] = []
+        rows: list[NewRow] = []
         known: set[str] = set()
         for index, item in enumerate(listed):
             try:
@@ -240,10 +188,10 @@ class Taskrail:
                 raise _at_item(err, index) from None
         return self._submit_rows(rows)
 
-    def _submit_rows(self, rows: list[_Row]) -> list[int]:
+    def _submit_rows(self, rows: list[NewRow]) -> list[int]:
         if not rows:
             return []
-        created = self._insert_postgres(rows) if self.db.is_postgres else self._insert_sqlite(rows)
+        created = insert_tasks(self.db, rows)
         fresh = [
             (task_id, row.task_type)
             for (task_id, is_new), row in zip(created, rows, strict=True)
@@ -251,82 +199,6 @@ class Taskrail:
         ]
         self._enqueue_first_hops(fresh)
         return [task_id for task_id, _ in created]
-
-    def _insert_postgres(self, rows: list[_Row]) -> list[tuple[int, bool]]:
-        """Insert ``rows`` in one statement, whatever their number; (id, created) per row.
-
-        The rows travel as one JSON array (the payloads as the JSON text they were
-        checked as); each draws its id from the sequence in input order, and a row whose
-        idempotency key exists already is skipped and answered with that task's id. A
-        deadlock or serialization failure is tried again, up to DB_CONFLICT_ATTEMPTS
-        times in all (then WriteConflict).
-        """
-        batch = orjson.dumps(
-            [
-                [
-                    row.client_id,
-                    row.task_type,
-                    orjson.Fragment(row.payload),
-                    row.idempotency_key,
-                ]
-                for row in rows
-            ]
-        ).decode()
-        with self.db.driver_connection() as conn:
-            for attempt in range(1, c.DB_CONFLICT_ATTEMPTS + 1):
-                try:
-                    with conn.transaction():
-                        created, existing = _insert_batch(conn, batch)
-                    break
-                except psycopg.Error as err:
-                    if err.sqlstate not in _CONFLICT_STATES:
-                        raise
-                    if attempt == c.DB_CONFLICT_ATTEMPTS:
-                        detail = str(err).splitlines()[0] if str(err) else ""
-                        raise WriteConflict(self.db.where, attempt, detail) from None
-                    log.info("submit_conflict_retry", attempt=attempt, error=type(err).__name__)
-                    time.sleep(random.uniform(0.5, 1.0) * c.DB_CONFLICT_PAUSE_S * attempt)
-        return [
-            (task_id, True) if is_new else (existing[key], False)
-            for task_id, is_new, key in created
-        ]
-
-    def _insert_sqlite(self, new_rows: list[_Row]) -> list[tuple[int, bool]]:
-        """Insert ``new_rows`` with SQLAlchemy; returns (id, created) per row,
-        resolving idempotency keys. Payloads go in as the JSON text they were checked as."""
-        now = utcnow()
-        rows = [row._asdict() for row in new_rows]
-        for row in rows:
-            row.update(status=TaskStatus.PENDING, attempts=0, created_at=now, updated_at=now)
-            row["payload_text"] = row.pop("payload")
-        keyed = [row for row in rows if row["idempotency_key"] is not None]
-        insert = sqlite.insert(tasks_table).values(payload=bindparam("payload_text", type_=Text()))
-        with self.db.begin() as conn:
-            if not keyed:
-                stmt = insert.returning(tasks_table.c.id, sort_by_parameter_order=True)
-                ids = conn.execute(stmt, rows).scalars().all()
-                return [(task_id, True) for task_id in ids]
-            result: list[tuple[int, bool]] = []
-            stmt = insert.on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(
-                tasks_table.c.id
-            )
-            seen: dict[str, int] = {}
-            for row in rows:
-                key = row["idempotency_key"]
-                if key is not None and key in seen:
-                    result.append((seen[key], False))
-                    continue
-                new_id = conn.execute(stmt, row).scalar_one_or_none()
-                if new_id is None:
-                    new_id = conn.execute(
-                        select(tasks_table.c.id).where(tasks_table.c.idempotency_key == key)
-                    ).scalar_one()
-                    result.append((new_id, False))
-                else:
-                    result.append((new_id, True))
-                if key is not None:
-                    seen[key] = new_id
-            return result
 
     def _enqueue_first_hops(self, tasks: list[tuple[int, str]]) -> None:
         if not tasks:
