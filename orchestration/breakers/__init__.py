@@ -95,12 +95,11 @@ from orchestration.breakers.model import (
     STATE_HALF_OPEN,
     STATE_OPEN,
     BreakerInfo,
-    BreakerNotFound,
     BreakerOpen,
     BreakerStateChange,
-    BreakerStateUnavailable,
     Permit,
 )
+from orchestration.errors import BreakerNotFound, BreakerStateUnavailable
 
 __all__ = [
     "STATE_CLOSED",

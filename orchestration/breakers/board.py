@@ -19,9 +19,7 @@ from orchestration.breakers.memory import MemoryBreakerStorage
 from orchestration.breakers.model import (
     STATE_OPEN,
     BreakerInfo,
-    BreakerNotFound,
     BreakerStateChange,
-    BreakerStateUnavailable,
 )
 from orchestration.breakers.storage import (
     CountingRedis,
@@ -29,7 +27,7 @@ from orchestration.breakers.storage import (
     Scripts,
     redis_infos,
 )
-from orchestration.errors import ConfigurationError
+from orchestration.errors import BreakerNotFound, BreakerStateUnavailable, ConfigurationError
 from orchestration.logging import get_logger
 from orchestration.redact import redact_url
 

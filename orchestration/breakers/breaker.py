@@ -46,13 +46,13 @@ from orchestration.breakers.model import (
     STATE_CLOSED,
     STATE_OPEN,
     BreakerOpen,
-    BreakerStateUnavailable,
     Permit,
     Reply,
     Snapshot,
     ms_to_datetime,
 )
 from orchestration.breakers.storage import BreakerStorage
+from orchestration.errors import BreakerStateUnavailable
 from orchestration.logging import get_logger
 
 if TYPE_CHECKING:

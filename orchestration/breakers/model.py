@@ -9,23 +9,6 @@ from typing import Any
 
 import pybreaker
 
-from orchestration.errors import BreakerNotFound, BreakerStateUnavailable
-
-__all__ = [  # the two errors live in orchestration.errors; orchestration.breakers re-exports
-    "STATE_CLOSED",
-    "STATE_HALF_OPEN",
-    "STATE_OPEN",
-    "BreakerInfo",
-    "BreakerNotFound",
-    "BreakerOpen",
-    "BreakerStateChange",
-    "BreakerStateUnavailable",
-    "Permit",
-    "Reply",
-    "Snapshot",
-    "ms_to_datetime",
-]
-
 STATE_CLOSED = pybreaker.STATE_CLOSED
 STATE_OPEN = pybreaker.STATE_OPEN
 STATE_HALF_OPEN = pybreaker.STATE_HALF_OPEN
