@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import Counter
@@ -774,7 +775,7 @@ def test_effects_cover_the_machines_events_and_the_machine_applies_the_lifecycle
 
 
 def test_listeners_hear_applied_transitions_and_one_that_raises_is_logged(
-    db: Database, caplog: pytest.LogCaptureFixture
+    db: Database, info_logs: None
 ) -> None:
     # Given a store with a listener that raises before one that records
     heard: list[TransitionResult] = []
@@ -798,7 +799,18 @@ def test_listeners_hear_applied_transitions_and_one_that_raises_is_logged(
     assert task_row(db, task_id)["status"] == S.ASSIGNED
 
 
-def test_the_default_store_logs_each_transition(db: Database) -> None:
+@pytest.fixture
+def info_logs() -> Iterator[None]:
+    """Info lines pass whatever level an earlier test configured (restored after)."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.INFO))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
+def test_the_default_store_logs_each_transition(db: Database, info_logs: None) -> None:
     task_id = insert_task(db)
     with structlog.testing.capture_logs() as logs:
         apply_transition(db, task_id, "assign", expected=S.PENDING, agent="a", reason="r")
