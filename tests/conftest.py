@@ -10,12 +10,14 @@ tested.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from sqlalchemy import create_engine, text
 
 from orchestration.settings import Settings
@@ -157,3 +159,16 @@ def fleet(server_env: dict[str, str], tmp_path: Path) -> Iterator[WorkerFleet]:
     workers = WorkerFleet(env=server_env, tmp=tmp_path)
     yield workers
     workers.stop_all()
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """Each test leaves structlog and the root logger as it found them: a CLI command run
+    in-process (CliRunner) configures logging onto a stream the runner closes after it."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
