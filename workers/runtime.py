@@ -101,11 +101,11 @@ def count_transition(result: TransitionResult) -> None:
 def freeze_heap() -> None:
     """Move everything alive now out of the garbage collector's sight.
 
-    A worker holds a few hundred thousand long-lived objects (Celery, kombu, SQLAlchemy,
-    psycopg, the state machine classes); each full collection walked all of them, a
-    ~100 ms pause every few thousand hops that showed as the p99 of a hop's latency.
-    Frozen, they are never collected (they live as long as the process anyway); what
-    hops allocate is collected as before.
+    A worker's long-lived objects (Celery, kombu, SQLAlchemy, psycopg, the state
+    machine classes) would otherwise be walked by every full collection, a pause that
+    shows in a hop's tail latency (docs/design.md). Frozen, they are never collected
+    (they live as long as the process anyway); what hops allocate is collected as
+    before.
     """
     gc.collect()
     gc.freeze()

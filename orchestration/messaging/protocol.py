@@ -1,8 +1,8 @@
 """Celery task messages (protocol 2) for kombu's virtual transports, built directly.
 
-``Celery.send_task`` spends several hundred microseconds per message on routing,
-option merging, signals, ``saferepr`` of the arguments and kombu's entity copies,
-all of which are the same for every hop. :func:`envelope` builds the same message
+``Celery.send_task`` spends most of a publish on routing, option merging, signals,
+``saferepr`` of the arguments and kombu's entity copies, all of which are the same
+for every hop. :func:`envelope` builds the same message
 a worker receives from ``send_task`` (the headers, properties and body that
 ``celery.app.amqp.AMQP.as_task_v2`` makes, in kombu's virtual-transport envelope)
 from the few things that vary: task name, arguments, queue, countdown, time limits.
@@ -122,8 +122,7 @@ def envelope(
 def uuid4_strings(n: int) -> list[str]:
     """``n`` random version-4 UUIDs as strings, as ``str(uuid.uuid4())`` makes them.
 
-    One ``os.urandom`` call for all of them; ``uuid.uuid4()`` costs several
-    microseconds each, a large share of a batch's publish.
+    One ``os.urandom`` call for all of them instead of one per id.
     """
     raw = bytearray(os.urandom(16 * n))
     raw[6::16] = bytes(b & 0x0F | 0x40 for b in raw[6::16])  # version 4

@@ -3,12 +3,12 @@
 It stays wire-compatible with ``kombu.transport.redis`` (the same queue lists, the same
 ``unacked`` hash and ``unacked_index`` sorted set, the same message and unacked
 formats), so any Celery or kombu client can publish to or consume from taskrail's
-queues, and a message left unacknowledged by one is restored by the other. Three
-things differ, each measured on the hop path (docs/performance.md):
+queues, and a message left unacknowledged by one is restored by the other. What
+differs saves round trips and CPU on the hop path (docs/design.md, "Performance"):
 
 - **One client per channel.** kombu builds a new ``redis.Redis`` for every publish
-  and every acknowledgement; with redis-py 8 that costs about as much as the command
-  it serves. Here each channel keeps one (redis-py clients are thread-safe).
+  and every acknowledgement; here each channel keeps one (redis-py clients are
+  thread-safe).
 - **Batched fetch.** When BRPOP hands over a message, one Lua call records it as
   unacknowledged and pops up to the rest of the prefetch window from the consumed
   queues, one from each in turn, recording each one too, before any of them runs.
