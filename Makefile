@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/taskrail demo
 
-# Unit, integration and chaos tests. Needs PostgreSQL and Redis on 127.0.0.1.
+# Unit, integration and chaos tests, in two processes (a file's tests together). Needs
+# PostgreSQL on 127.0.0.1 and redis-server on the PATH (the suite starts its own).
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 # Only the SQLite unit tests (no servers).
 test-fast: install

@@ -10,11 +10,15 @@ tested.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -27,6 +31,7 @@ from tests.support import (
     KEY_PREFIX,
     PG_ADMIN_URL,
     REPO,
+    REPORTS_ENV,
     OwnRedis,
     WorkerFleet,
     purge,
@@ -172,3 +177,26 @@ def _logging_restored() -> Iterator[None]:
     structlog.configure(**saved)
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and REPORTS_ENV not in os.environ:
+        os.environ[REPORTS_ENV] = tempfile.mkdtemp(prefix="taskrail-reports-")
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") or not os.environ.get(REPORTS_ENV):
+        return
+    folder = Path(os.environ[REPORTS_ENV])
+    reports = [
+        json.loads(line)
+        for path in sorted(folder.glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    shutil.rmtree(folder, ignore_errors=True)
+    if not reports:
+        return
+    terminalreporter.section("chaos suite")
+    for report in reports:
+        fields = ", ".join(f"{k}={v}" for k, v in report.items() if k != "test")
+        terminalreporter.write_line(f"{report['test']}: {fields}")

@@ -586,3 +586,19 @@ def verify_every_task(
     assert duplicates == 0
     lost = sum(n for status, n in by_status.items() if status not in RESTING)
     return Verdict(len(expected), by_status, lost, duplicates, runs_total, calls_total, reruns)
+
+
+# The chaos suite's numbers (tasks, faults, lost, duplicates, drain), printed at the end
+# of the run: each test process appends JSON lines to a file of its own in this folder
+# (tests/conftest.py creates it and prints the summary, also under pytest-xdist).
+REPORTS_ENV = "TASKRAIL_TEST_REPORTS_DIR"
+
+
+def record_report(report: Mapping[str, Any]) -> None:
+    folder = os.environ.get(REPORTS_ENV)
+    if not folder:
+        return
+    import json
+
+    with open(Path(folder) / f"{os.getpid()}.jsonl", "a") as out:
+        out.write(json.dumps(report, default=str) + "\n")

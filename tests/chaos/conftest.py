@@ -20,10 +20,15 @@ import redis
 
 from orchestration.settings import Settings
 from orchestration.store.db import Database
-from tests.support import KEY_PREFIX, REPO, OwnPostgres, OwnRedis, WorkerFleet, settings_from
-
-# The suite's results, printed at the end of the run (tasks, faults, lost, duplicates, drain).
-_REPORTS: list[dict[str, Any]] = []
+from tests.support import (
+    KEY_PREFIX,
+    REPO,
+    OwnPostgres,
+    OwnRedis,
+    WorkerFleet,
+    record_report,
+    settings_from,
+)
 
 
 def _cannot_start(what: str, err: BaseException) -> None:
@@ -122,15 +127,6 @@ def chaos_report(request: pytest.FixtureRequest) -> Callable[..., None]:
     """Record a scenario's numbers for the summary at the end of the run."""
 
     def record(**numbers: Any) -> None:
-        _REPORTS.append({"test": request.node.name, **numbers})
+        record_report({"test": request.node.name, **numbers})
 
     return record
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _REPORTS:
-        return
-    terminalreporter.section("chaos suite")
-    for report in _REPORTS:
-        fields = ", ".join(f"{k}={v}" for k, v in report.items() if k != "test")
-        terminalreporter.write_line(f"{report['test']}: {fields}")
