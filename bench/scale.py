@@ -181,7 +181,7 @@ def sweeper(rows: int) -> None:
         f"{time.perf_counter() - t0:.1f}s"
     )
     db = Database(cm.sqlalchemy_url(SWEEPER_DB))
-    claim = _claim_sql(True, ACTIVE_STATUSES)
+    claim = _claim_sql(True, ACTIVE_STATUSES, False)
     now = utcnow()
     params = {"now": now, "cutoff": now - timedelta(seconds=15), "batch": 500}
     summary = (
