@@ -591,7 +591,7 @@ def verify_every_task(
 # The chaos suite's numbers (tasks, faults, lost, duplicates, drain), printed at the end
 # of the run: each test process appends JSON lines to a file of its own in this folder
 # (tests/conftest.py creates it and prints the summary, also under pytest-xdist).
-REPORTS_ENV = "TASKRAIL_TEST_REPORTS_DIR"
+REPORTS_ENV = "PYTEST_TASKRAIL_REPORTS_DIR"  # not TASKRAIL_*: tests reset those
 
 
 def record_report(report: Mapping[str, Any]) -> None:
