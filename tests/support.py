@@ -602,3 +602,18 @@ def record_report(report: Mapping[str, Any]) -> None:
 
     with open(Path(folder) / f"{os.getpid()}.jsonl", "a") as out:
         out.write(json.dumps(report, default=str) + "\n")
+
+
+def race(run: Any, producers: Iterable[Any], timeout_s: float) -> None:
+    """``run(0)`` and ``run(1)`` on two threads at once; the producers are closed after."""
+    import threading
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in (0, 1)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout_s)
+    finally:
+        for p in producers:
+            p.close()

@@ -36,6 +36,7 @@ from orchestration.models import TaskStatus, events_table, tasks_table
 from orchestration.settings import Settings, get_settings
 from orchestration.store.db import Database
 from orchestration.store.transitions import apply_transition
+from tests.support import race
 
 # Task types of the agents in TASKRAIL_AGENTS=demo_agents,tests.agents (among others).
 KNOWN_TYPES = ["bad_result", "bookkeeping", "echo", "payroll", "personal_tax"]
@@ -538,15 +539,7 @@ def test_concurrent_submits_with_one_key_make_one_task(servers: Settings) -> Non
             barrier.abort()
 
     # When both submit each key at the same moment
-    threads = [threading.Thread(target=run, args=(n,)) for n in (0, 1)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    finally:
-        for p in producers:
-            p.close()
+    race(run, producers, 60)
 
     # Then both got the same id for each key, one row and one message per key
     assert not errors, errors

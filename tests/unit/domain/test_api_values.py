@@ -36,7 +36,7 @@ from orchestration.models import TaskStatus, events_table, tasks_table
 from orchestration.settings import Settings
 from orchestration.store.db import Database
 from orchestration.store.transitions import apply_transition
-from tests.support import OwnRedis, settings_from
+from tests.support import OwnRedis, race, settings_from
 
 pytestmark = pytest.mark.integration
 
@@ -494,15 +494,7 @@ def test_batches_with_overlapping_keys_in_opposite_orders_do_not_deadlock(
             barrier.abort()
 
     # When both send each round at the same moment
-    threads = [threading.Thread(target=run, args=(n,)) for n in (0, 1)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    finally:
-        for p in producers:
-            p.close()
+    race(run, producers, 120)
 
     # Then no batch failed, and both got the same id for each key, in their own order
     assert not errors, errors
