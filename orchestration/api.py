@@ -8,6 +8,11 @@
     api.get(task_id).status          # TaskStatus.PENDING ... COMPLETED
     api.history(task_id)             # one EventRecord per transition
     api.retry(task_id)               # failed -> pending, and back to the workers
+    api.list_tasks(status="escalated", since="1d")   # newest first; after=<last id>
+    api.claim(task_id, by="ana")     # an escalation: claim, then resolve / reopen / reject
+    api.resolve(task_id, {"refund": 120}, by="ana", note="W-2 read from the scan")
+    api.cancel(task_id, reason="client withdrew")
+    api.retry_many(status="failed", task_type="personal_tax", dry_run=True)
 
 The module functions use one :class:`Taskrail` built from the ``TASKRAIL_*``
 environment on first use; build a :class:`Taskrail` yourself for other settings.
@@ -22,8 +27,9 @@ or an InfrastructureError. Payloads, results and reasons read back as they were 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -31,26 +37,43 @@ from sqlalchemy import func, select
 from orchestration import constants as c
 from orchestration.agents import load_agent_modules, registry
 from orchestration.errors import (
+    AlreadyClaimed,
     BrokerUnavailable,
     InputError,
+    InvalidFilter,
+    InvalidPayload,
     InvalidTaskItem,
+    NotClaimed,
     NotRetryable,
+    ResultRejected,
     TaskNotFound,
+    WriteConflict,
+    WrongState,
     short_repr,
 )
+from orchestration.filters import TaskFilter, check_actor, check_limit, check_text
 from orchestration.logging import get_logger
 from orchestration.messaging.dispatch import Dispatcher, make_celery
 from orchestration.models import TaskStatus, events_table, tasks_table
+from orchestration.moves import Move
 from orchestration.settings import Settings, get_settings
+from orchestration.store import listing
 from orchestration.store.db import ConnectionTimeouts, Database
 from orchestration.store.inserts import NewRow, insert_tasks
 from orchestration.store.records import EventRecord, TaskRecord
-from orchestration.store.transitions import Outcome, TransitionNotAllowed, apply_transition
+from orchestration.store.transitions import (
+    Outcome,
+    TransitionNotAllowed,
+    TransitionResult,
+    TransitionStore,
+    plan,
+)
 from orchestration.values import (
     check_client_id,
     check_idempotency_key,
     check_task_type,
     encode_payload,
+    encode_result,
 )
 
 log = get_logger("taskrail.api")
@@ -68,6 +91,28 @@ class NewTask:
     client_id: int
     payload: Mapping[str, Any] | None = None
     idempotency_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What a bulk retry or cancel did (or, in a dry run, would do)."""
+
+    event: str
+    matched: int  # tasks the filter matched
+    moved: int  # tasks moved (0 in a dry run)
+    skipped: int  # matched, but moved on before their batch was written
+    first_ids: tuple[int, ...]  # the first (newest) ids moved, or matched in a dry run
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "event": self.event,
+            "dry_run": self.dry_run,
+            "matched": self.matched,
+            "moved": self.moved,
+            "skipped": self.skipped,
+            "first_ids": list(self.first_ids),
+        }
 
 
 _FIELDS = tuple(f.name for f in fields(NewTask))
@@ -115,6 +160,35 @@ def _at_item(err: InputError, index: int) -> InputError:
         err.item = index  # type: ignore[attr-defined]
         err.args = (f"item {index}: {err}",)
     return err
+
+
+_API_WORKER = "api"  # the audit rows' worker for a person's moves
+_MOVE_TRIES = 5
+_BULK_EVENTS = ("retry", "cancel")
+# What each person's event needs, said in a WrongState error.
+_ALLOWED = {
+    "retry": "only failed tasks can be retried",
+    "resolve": "only escalated tasks can be resolved",
+    "reopen": "only escalated tasks can be reopened",
+    "reject": "only escalated tasks can be rejected",
+    "claim": "only escalated tasks can be claimed",
+    "unclaim": "only escalated tasks can be unclaimed",
+    "cancel": "only pending, assigned or in_progress tasks can be cancelled",
+}
+
+
+def _allowed_from(event: str, status: TaskStatus) -> bool:
+    try:
+        plan(status, event)
+    except TransitionNotAllowed:
+        return False
+    return True
+
+
+def _wrong_state(task_id: int, status: TaskStatus, event: str) -> WrongState:
+    if event == "retry":
+        return NotRetryable(task_id, status)
+    return WrongState(task_id, status, _ALLOWED[event])
 
 
 def _check_task_id(task_id: Any) -> int:
@@ -216,23 +290,342 @@ class Taskrail:
                 note="tasks are recorded as pending; the sweeper will send them",
             )
 
-    def retry(self, task_id: int) -> None:
+    def retry(self, task_id: int, *, by: str | None = None, note: str | None = None) -> None:
         """Move a failed task back to pending and send it to the workers again.
 
-        Raises TaskNotFound, NotRetryable (the task is not failed).
+        ``by`` is who asks (default: the OS user); ``note`` goes to the audit event.
+        Raises TaskNotFound, NotRetryable (the task is not failed), InvalidField.
         """
+        result = self._move(task_id, "retry", by=by, note=note, returning=("task_type",))
+        self._enqueue_first_hops([(result.task_id, result.row["task_type"])])
+
+    # -- a person's moves ---------------------------------------------------------
+
+    def claim(self, task_id: int, *, by: str | None = None, note: str | None = None) -> None:
+        """Take an escalated task: it shows as claimed by ``by`` (default: the OS user).
+
+        Claiming a task one holds already does nothing. Raises TaskNotFound, WrongState
+        (not escalated), AlreadyClaimed (by someone else), InvalidField.
+        """
+        actor = check_actor(by)
         task_id = _check_task_id(task_id)
-        try:
-            outcome = apply_transition(
-                self.db, task_id, "retry", worker="api", returning=("task_type",)
+        note = check_text(note, "note")
+        result = self._store().apply(
+            Move(task_id, "claim", actor=actor, note=note, extra_guard={"claimed_by": None})
+        )
+        if result.applied:
+            return
+        task = self._stored(task_id, result)
+        if task.status is not TaskStatus.ESCALATED:
+            raise WrongState(task_id, task.status, _ALLOWED["claim"])
+        if task.claimed_by == actor:
+            return
+        if task.claimed_by is not None:
+            raise AlreadyClaimed(task_id, task.claimed_by)
+        raise WriteConflict(self.db.where, 1, f"task {task_id} changed while it was claimed")
+
+    def unclaim(self, task_id: int, *, by: str | None = None, note: str | None = None) -> None:
+        """Give a claimed escalated task back to the inbox (anyone may; the audit says who).
+
+        Raises TaskNotFound, WrongState, NotClaimed, InvalidField.
+        """
+        actor = check_actor(by)
+        task_id = _check_task_id(task_id)
+        note = check_text(note, "note")
+        task = self.get(task_id)
+        if task.status is not TaskStatus.ESCALATED:
+            raise WrongState(task_id, task.status, _ALLOWED["unclaim"])
+        if task.claimed_by is None:
+            raise NotClaimed(task_id)
+        result = self._store().apply(
+            Move(
+                task_id,
+                "unclaim",
+                expected=TaskStatus.ESCALATED,
+                actor=actor,
+                note=note,
+                extra_guard={"claimed_by": task.claimed_by},
             )
-        except TransitionNotAllowed:
-            raise NotRetryable(task_id, self.get(task_id).status) from None
-        if outcome.outcome is Outcome.NOT_FOUND:
+        )
+        if not result.applied:
+            task = self._stored(task_id, result)
+            if task.status is not TaskStatus.ESCALATED:
+                raise WrongState(task_id, task.status, _ALLOWED["unclaim"])
+            if task.claimed_by is None:
+                raise NotClaimed(task_id)
+            raise WriteConflict(self.db.where, 1, f"task {task_id} changed while it was unclaimed")
+
+    def resolve(
+        self, task_id: int, result: Any, *, by: str | None = None, note: str | None = None
+    ) -> None:
+        """Close an escalated task with the person's ``result`` (a JSON object):
+        escalated -> completed. Raises TaskNotFound, WrongState, ResultRejected,
+        InvalidField."""
+        if not isinstance(result, Mapping):
+            raise ResultRejected(
+                f"a resolution's result must be a JSON object, got {type(result).__name__}"
+            )
+        stored = encode_result(dict(result))
+        self._move(task_id, "resolve", by=by, note=note, result=stored)
+
+    def reopen(
+        self,
+        task_id: int,
+        *,
+        payload: Mapping[str, Any] | None = None,
+        by: str | None = None,
+        note: str | None = None,
+    ) -> None:
+        """Hand an escalated task back to the agents: escalated -> pending, attempts from
+        zero, the claim cleared. ``payload``'s fields are merged into the task's payload
+        (the missing document). Raises TaskNotFound, WrongState, InvalidPayload,
+        InvalidField."""
+        if payload is not None and not isinstance(payload, Mapping):
+            raise InvalidPayload(f"must be a JSON object, got {type(payload).__name__}")
+        extra: dict[str, Any] = {}
+        guard: dict[str, Any] = {}
+        if payload:
+            task = self.get(task_id)
+            if task.status is not TaskStatus.ESCALATED:
+                raise WrongState(task.id, task.status, _ALLOWED["reopen"])
+            merged = {**task.payload, **payload}
+            extra["payload"] = merged  # checked and encoded before the write
+            # The payload written is built from the one read: the move applies only to
+            # the task as it was read (no other reopen came in between).
+            guard["updated_at"] = task.updated_at
+        result = self._move(
+            task_id,
+            "reopen",
+            by=by,
+            note=note,
+            returning=("task_type",),
+            extra_columns=extra,
+            extra_guard=guard,
+        )
+        self._enqueue_first_hops([(result.task_id, result.row["task_type"])])
+
+    def reject(
+        self, task_id: int, reason: str, *, by: str | None = None, note: str | None = None
+    ) -> None:
+        """Close an escalated task as failed, with ``reason``: escalated -> failed.
+        Raises TaskNotFound, WrongState, InvalidField."""
+        why = check_text(reason, "reason", max_chars=c.MAX_REASON_CHARS, required=True)
+        self._move(task_id, "reject", by=by, note=note, reason=why)
+
+    def cancel(
+        self,
+        task_id: int,
+        *,
+        reason: str | None = None,
+        by: str | None = None,
+        note: str | None = None,
+    ) -> None:
+        """Cancel a task that is pending, assigned or in progress: it becomes
+        ``cancelled`` (final). A running handler's lease is released at once; the
+        handler is told and its late result discarded. Raises TaskNotFound, WrongState,
+        InvalidField."""
+        reason = check_text(reason, "reason", max_chars=c.MAX_REASON_CHARS)
+        self._move(task_id, "cancel", by=by, note=note, reason=reason or "cancelled")
+
+    def _move(
+        self,
+        task_id: int,
+        event: str,
+        *,
+        by: str | None,
+        note: str | None,
+        reason: str | None = None,
+        result: Any = None,
+        returning: tuple[str, ...] = (),
+        extra_columns: Mapping[str, Any] | None = None,
+        extra_guard: Mapping[str, Any] | None = None,
+    ) -> TransitionResult:
+        """A person's ``event`` on one task, from whatever state it is in now.
+
+        A task that moves between the read and the write (a hop ran) is read again and
+        tried again, a few times. Raises TaskNotFound, WrongState, InvalidField.
+        """
+        actor = check_actor(by)
+        task_id = _check_task_id(task_id)
+        note = check_text(note, "note")
+        store = self._store()
+        for _ in range(_MOVE_TRIES):
+            try:
+                applied = store.apply(
+                    Move(
+                        task_id,
+                        event,
+                        actor=actor,
+                        note=note,
+                        reason=reason,
+                        result=result,
+                        returning=returning,
+                        extra_columns=extra_columns or {},
+                        extra_guard=extra_guard or {},
+                    )
+                )
+            except TransitionNotAllowed:
+                task = self.get(task_id)
+                raise _wrong_state(task_id, task.status, event) from None
+            if applied.applied:
+                return applied
+            if applied.outcome is Outcome.NOT_FOUND:
+                raise TaskNotFound(task_id)
+            if extra_guard:
+                task = self.get(task_id)
+                if not _allowed_from(event, task.status):
+                    raise _wrong_state(task_id, task.status, event)
+                raise WriteConflict(self.db.where, 1, f"task {task_id} changed meanwhile")
+        raise WriteConflict(self.db.where, _MOVE_TRIES, f"task {task_id} kept moving")
+
+    def _store(self) -> TransitionStore:
+        return TransitionStore(self.db, worker=_API_WORKER)
+
+    def _stored(self, task_id: int, result: TransitionResult) -> TaskRecord:
+        if result.outcome is Outcome.NOT_FOUND:
             raise TaskNotFound(task_id)
-        if outcome.outcome is Outcome.STALE:
-            raise NotRetryable(task_id, self.get(task_id).status)
-        self._enqueue_first_hops([(task_id, outcome.row["task_type"])])
+        return self.get(task_id)
+
+    # -- many tasks at once --------------------------------------------------------
+
+    def list_tasks(
+        self,
+        *,
+        status: str | Iterable[Any] | None = None,
+        task_type: str | None = None,
+        client_id: int | None = None,
+        agent: str | None = None,
+        claimed_by: str | None = None,
+        since: str | datetime | timedelta | None = None,
+        limit: int = c.DEFAULT_LIST_LIMIT,
+        after: int | None = None,
+    ) -> list[TaskRecord]:
+        """Tasks matching every given filter, newest first, at most ``limit``.
+
+        ``status``: one name or several; ``since``: a duration back (``1h``, ``30m``,
+        ``2d``), an ISO time or a datetime (by creation time); ``after``: the last id of
+        the previous page (keyset pagination). Raises InvalidFilter, InvalidClientId.
+        """
+        flt = TaskFilter.build(
+            status=status,
+            task_type=task_type,
+            client_id=client_id,
+            agent=agent,
+            claimed_by=claimed_by,
+            since=since,
+            after=after,
+        )
+        return listing.list_tasks(self.db, flt, check_limit(limit))
+
+    def retry_many(
+        self,
+        *,
+        status: str | Iterable[Any] | None = "failed",
+        task_type: str | None = None,
+        client_id: int | None = None,
+        agent: str | None = None,
+        since: str | datetime | timedelta | None = None,
+        dry_run: bool = False,
+        by: str | None = None,
+        note: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> BulkResult:
+        """Retry every failed task matching the filters (see :meth:`bulk`)."""
+        return self.bulk(
+            "retry",
+            TaskFilter.build(
+                status=status, task_type=task_type, client_id=client_id, agent=agent, since=since
+            ),
+            dry_run=dry_run,
+            by=by,
+            note=note,
+            progress=progress,
+        )
+
+    def cancel_many(
+        self,
+        *,
+        status: str | Iterable[Any] | None,
+        task_type: str | None = None,
+        client_id: int | None = None,
+        agent: str | None = None,
+        since: str | datetime | timedelta | None = None,
+        reason: str | None = None,
+        dry_run: bool = False,
+        by: str | None = None,
+        note: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> BulkResult:
+        """Cancel every pending, assigned or in-progress task matching the filters
+        (see :meth:`bulk`)."""
+        return self.bulk(
+            "cancel",
+            TaskFilter.build(
+                status=status, task_type=task_type, client_id=client_id, agent=agent, since=since
+            ),
+            reason=reason,
+            dry_run=dry_run,
+            by=by,
+            note=note,
+            progress=progress,
+        )
+
+    def bulk(
+        self,
+        event: str,
+        flt: TaskFilter,
+        *,
+        reason: str | None = None,
+        dry_run: bool = False,
+        by: str | None = None,
+        note: str | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        batch: int = c.BULK_BATCH,
+    ) -> BulkResult:
+        """``event`` (``retry`` or ``cancel``) on every task matching ``flt``.
+
+        The filter must name statuses, each one the event may leave (else
+        InvalidFilter, nothing done). A dry run counts and shows the first ids and
+        changes nothing. A real run walks the matching tasks newest first in batches of
+        ``batch``, each batch one statement that moves (and audits, one event per task)
+        the tasks still in a status the filter names; a task that moved on meanwhile is
+        skipped and counted. Retried tasks are sent to the workers batch by batch.
+        ``progress(done, total)`` is called after each batch.
+        """
+        if event not in _BULK_EVENTS:
+            raise InvalidFilter("event", f"bulk moves are {', '.join(_BULK_EVENTS)}, not {event!r}")
+        actor = check_actor(by)
+        note = check_text(note, "note")
+        if event == "cancel":
+            reason = check_text(reason, "reason", max_chars=c.MAX_REASON_CHARS) or "cancelled"
+        if not flt.statuses:
+            raise InvalidFilter("status", f"name the statuses to {event} (--status)")
+        for status in flt.statuses:
+            if not _allowed_from(event, status):
+                raise InvalidFilter("status", f"{event} is not allowed from {status.value}")
+        total = listing.count_tasks(self.db, flt)
+        if dry_run:
+            first = listing.list_tasks(self.db, flt, c.BULK_SHOWN_IDS)
+            return BulkResult(event, total, 0, 0, tuple(t.id for t in first), dry_run=True)
+        store = self._store()
+        move = Move(0, event, actor=actor, note=note, reason=reason, returning=("task_type",))
+        matched = moved = 0
+        first_ids: list[int] = []
+        for ids in listing.page_ids(self.db, flt, batch):
+            matched += len(ids)
+            done: list[TransitionResult] = []
+            for status in flt.statuses:
+                done += store.apply_many(move, ids, status)
+            moved += len(done)
+            if len(first_ids) < c.BULK_SHOWN_IDS:
+                first_ids += sorted((r.task_id for r in done), reverse=True)[
+                    : c.BULK_SHOWN_IDS - len(first_ids)
+                ]
+            if event == "retry":
+                self._enqueue_first_hops([(r.task_id, r.row["task_type"]) for r in done])
+            if progress is not None:
+                progress(matched, max(total, matched))
+        return BulkResult(event, matched, moved, matched - moved, tuple(first_ids))
 
     # -- reading ----------------------------------------------------------------
 
@@ -331,6 +724,59 @@ def history(task_id: int) -> list[EventRecord]:
     return client().history(task_id)
 
 
-def retry(task_id: int) -> None:
+def retry(task_id: int, *, by: str | None = None, note: str | None = None) -> None:
     """See :meth:`Taskrail.retry`."""
-    client().retry(task_id)
+    client().retry(task_id, by=by, note=note)
+
+
+def list_tasks(**filters: Any) -> list[TaskRecord]:
+    """See :meth:`Taskrail.list_tasks`."""
+    return client().list_tasks(**filters)
+
+
+def claim(task_id: int, *, by: str | None = None, note: str | None = None) -> None:
+    """See :meth:`Taskrail.claim`."""
+    client().claim(task_id, by=by, note=note)
+
+
+def unclaim(task_id: int, *, by: str | None = None, note: str | None = None) -> None:
+    """See :meth:`Taskrail.unclaim`."""
+    client().unclaim(task_id, by=by, note=note)
+
+
+def resolve(task_id: int, result: Any, *, by: str | None = None, note: str | None = None) -> None:
+    """See :meth:`Taskrail.resolve`."""
+    client().resolve(task_id, result, by=by, note=note)
+
+
+def reopen(
+    task_id: int,
+    *,
+    payload: Mapping[str, Any] | None = None,
+    by: str | None = None,
+    note: str | None = None,
+) -> None:
+    """See :meth:`Taskrail.reopen`."""
+    client().reopen(task_id, payload=payload, by=by, note=note)
+
+
+def reject(task_id: int, reason: str, *, by: str | None = None, note: str | None = None) -> None:
+    """See :meth:`Taskrail.reject`."""
+    client().reject(task_id, reason, by=by, note=note)
+
+
+def cancel(
+    task_id: int, *, reason: str | None = None, by: str | None = None, note: str | None = None
+) -> None:
+    """See :meth:`Taskrail.cancel`."""
+    client().cancel(task_id, reason=reason, by=by, note=note)
+
+
+def retry_many(**filters: Any) -> BulkResult:
+    """See :meth:`Taskrail.retry_many`."""
+    return client().retry_many(**filters)
+
+
+def cancel_many(**filters: Any) -> BulkResult:
+    """See :meth:`Taskrail.cancel_many`."""
+    return client().cancel_many(**filters)

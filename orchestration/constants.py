@@ -150,3 +150,15 @@ DEFAULT_PUBLISH_MAX_WAIT_S = 1.0
 # A hop for a task type this worker has no agent for goes back to the queue after this
 # long, for a worker that has it.
 NO_AGENT_RETRY_COUNTDOWN_S = 5.0
+
+# -- the people's side -----------------------------------------------------------------
+
+# ``taskrail list`` / the console: tasks per page by default, and at most.
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 1000
+# Bulk retry / cancel: tasks moved per statement, and the ids a dry run shows.
+BULK_BATCH = 1000
+BULK_SHOWN_IDS = 10
+# Who made a move (``--by``) and what they said (``--note``): at most this long.
+MAX_ACTOR_CHARS = 128
+MAX_NOTE_CHARS = 4000

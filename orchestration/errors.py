@@ -128,9 +128,7 @@ class ResultRejected(InputError):
 class InvalidClientId(InputError):
     def __init__(self, value: object) -> None:
         self.value = value
-        super().__init__(
-            f"client id must be an integer from 0 to 2**63-1, got {short_repr(value)}"
-        )
+        super().__init__(f"client id must be an integer from 0 to 2**63-1, got {short_repr(value)}")
 
 
 class TaskNotFound(InputError, LookupError):
@@ -139,11 +137,49 @@ class TaskNotFound(InputError, LookupError):
         super().__init__(f"no task with id {short_repr(task_id)}")
 
 
-class NotRetryable(InputError):
-    def __init__(self, task_id: int, status: str) -> None:
+class WrongState(InputError):
+    """A person's move on a task in a state that does not allow it."""
+
+    def __init__(self, task_id: int, status: str, allowed: str) -> None:
         self.task_id = task_id
-        self.status = status
-        super().__init__(f"task {task_id} is {status}; only failed tasks can be retried")
+        self.status = str(status)
+        super().__init__(f"task {task_id} is {self.status}; {allowed}")
+
+
+class NotRetryable(WrongState):
+    def __init__(self, task_id: int, status: str) -> None:
+        super().__init__(task_id, status, "only failed tasks can be retried")
+
+
+class AlreadyClaimed(InputError):
+    def __init__(self, task_id: int, claimed_by: str) -> None:
+        self.task_id = task_id
+        self.claimed_by = claimed_by
+        super().__init__(
+            f"task {task_id} is claimed by {shown_input(claimed_by)}; unclaim it first"
+        )
+
+
+class NotClaimed(InputError):
+    def __init__(self, task_id: int) -> None:
+        self.task_id = task_id
+        super().__init__(f"task {task_id} is not claimed")
+
+
+class InvalidFilter(InputError):
+    """A filter of ``list`` or a bulk move that cannot be used."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        super().__init__(f"invalid {name}: {reason}")
+
+
+class InvalidField(InputError):
+    """A person's input (who, a note, a reason, a result) that cannot be stored."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        super().__init__(f"invalid {name}: {reason}")
 
 
 class NotAHop(InputError):

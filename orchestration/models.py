@@ -37,11 +37,13 @@ class TaskStatus(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     ESCALATED = "escalated"
+    CANCELLED = "cancelled"
 
     @property
     def is_final(self) -> bool:
-        """completed and escalated never move again; failed moves only on retry."""
-        return self in (TaskStatus.COMPLETED, TaskStatus.ESCALATED)
+        """completed and cancelled never move again. failed moves only on retry, and
+        escalated only by a person (resolve, reopen, reject)."""
+        return self in (TaskStatus.COMPLETED, TaskStatus.CANCELLED)
 
     @property
     def is_active(self) -> bool:
@@ -50,7 +52,13 @@ class TaskStatus(enum.StrEnum):
 
 
 ACTIVE_STATUSES = (TaskStatus.PENDING, TaskStatus.ASSIGNED, TaskStatus.IN_PROGRESS)
-RESTING_STATUSES = (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.ESCALATED)
+# No hop moves these: they wait for a person (escalated, failed) or are done.
+RESTING_STATUSES = (
+    TaskStatus.COMPLETED,
+    TaskStatus.FAILED,
+    TaskStatus.ESCALATED,
+    TaskStatus.CANCELLED,
+)
 
 
 def utcnow() -> datetime:
@@ -106,7 +114,20 @@ class Task(Base):
             postgresql_where=text("status IN ('pending', 'assigned', 'in_progress')"),
             sqlite_where=text("status IN ('pending', 'assigned', 'in_progress')"),
         ),
-        Index("ix_tasks_client_id", "client_id"),
+        # Listing (``taskrail list``, the console): newest first by id within a filter,
+        # keyset-paginated (migration 0006).
+        Index("ix_tasks_status_id", "status", "id"),
+        Index("ix_tasks_type_id", "task_type", "id"),
+        Index("ix_tasks_client_id_id", "client_id", "id"),
+        Index("ix_tasks_agent_id", "assigned_agent", "id"),
+        Index("ix_tasks_created_at", "created_at"),
+        Index(
+            "ix_tasks_claimed_by_id",
+            "claimed_by",
+            "id",
+            postgresql_where=text("claimed_by IS NOT NULL"),
+            sqlite_where=text("claimed_by IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)
@@ -132,13 +153,20 @@ class Task(Base):
     isolated: Mapped[bool] = mapped_column(
         Boolean, nullable=False, default=False, server_default=false()
     )
+    # The person handling an escalation (claim / unclaim), and since when.
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     def __repr__(self) -> str:
         return f"<Task {self.id} {self.task_type} client={self.client_id} {self.status}>"
 
 
 class TaskEvent(Base):
-    """One row per transition of a task."""
+    """One row per transition of a task, and per claim or unclaim (from = to).
+
+    ``actor`` is who made the move: the worker's name for the machine's moves, the
+    person (``--by``) for a person's; ``note`` is what they said about it.
+    """
 
     __tablename__ = "task_events"
 
@@ -152,6 +180,8 @@ class TaskEvent(Base):
     agent: Mapped[str | None] = mapped_column(String(128))
     detail: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(255))
+    actor: Mapped[str | None] = mapped_column(String(255))
+    note: Mapped[str | None] = mapped_column(Text)
     at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
 
     def __repr__(self) -> str:

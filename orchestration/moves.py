@@ -10,6 +10,16 @@
     fail      last_error <- reason                   the run's lease and deferral
     escalate  last_error <- reason                   the run's lease and deferral
     retry     attempts <- 0                          assigned_agent, completed_at
+    resolve   completed_at <- now, result <- result
+    reopen    attempts <- 0                          assigned_agent, completed_at,
+                                                     the claim
+    reject    last_error <- reason
+    claim     claimed_by <- actor, claimed_at <- now
+    unclaim                                          the claim
+    cancel    last_error <- reason                   the run's lease and deferral
+
+"The claim" is :data:`CLAIM_COLUMNS`. A person's move names its ``actor``; every move
+may carry a ``note``; both go to the audit row only (claim also sets ``claimed_by``).
 
 "The run's lease and deferral" is :data:`RUN_COLUMNS`. A set whose input the
 :class:`Move` leaves None is not written. Every move also writes ``status`` and
@@ -38,6 +48,7 @@ from typing import Any
 from orchestration.models import TaskStatus, utcnow
 
 __all__ = [
+    "CLAIM_COLUMNS",
     "EFFECTS",
     "LIFECYCLE_COLUMNS",
     "RUN_COLUMNS",
@@ -55,6 +66,7 @@ class Input(enum.Enum):
     RESULT = "result"
     PRECLAIM = "preclaim"
     PRECLAIM_UNTIL = "preclaim_until"
+    ACTOR = "actor"
     NOW = "now"  # the time the move is planned (UTC)
 
 
@@ -83,6 +95,8 @@ class Effects:
 
 # A run's lease and its breaker deferral: a move that ends the run clears them.
 RUN_COLUMNS = ("lease_owner", "lease_expires_at", "not_before", "deferred_since")
+# Who handles an escalation: reopening the task hands it back to the agents.
+CLAIM_COLUMNS = ("claimed_by", "claimed_at")
 
 EFFECTS: Mapping[str, Effects] = {
     "assign": Effects(sets={"assigned_agent": Input.AGENT}),
@@ -96,6 +110,14 @@ EFFECTS: Mapping[str, Effects] = {
     "fail": Effects(sets={"last_error": Input.REASON}, clears=RUN_COLUMNS),
     "escalate": Effects(sets={"last_error": Input.REASON}, clears=RUN_COLUMNS),
     "retry": Effects(sets={"attempts": 0}, clears=("assigned_agent", "completed_at")),
+    "resolve": Effects(sets={"completed_at": Input.NOW, "result": Input.RESULT}),
+    "reopen": Effects(
+        sets={"attempts": 0}, clears=("assigned_agent", "completed_at", *CLAIM_COLUMNS)
+    ),
+    "reject": Effects(sets={"last_error": Input.REASON}),
+    "claim": Effects(sets={"claimed_by": Input.ACTOR, "claimed_at": Input.NOW}),
+    "unclaim": Effects(clears=CLAIM_COLUMNS),
+    "cancel": Effects(sets={"last_error": Input.REASON}, clears=RUN_COLUMNS),
 }
 
 # What the state machine applies to a task object: who has the task, when it was done,
@@ -125,6 +147,8 @@ class Move:
     task_type: str | None = None  # the task type the row must have
     preclaim: str | None = None  # start: the token the counted attempt is leased to
     preclaim_until: datetime | None = None  # start: when that lease lapses
+    actor: str | None = None  # who makes the move (default: the store's worker)
+    note: str | None = None  # what they said about it (the audit row's note)
     returning: tuple[str, ...] = ()  # task columns to hand back in the result's row
     extra_columns: Mapping[str, Any] = field(default_factory=dict)
     extra_guard: Mapping[str, Any] = field(default_factory=dict)

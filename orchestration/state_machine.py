@@ -5,13 +5,19 @@
     pending -assign-> assigned -start-> in_progress -complete-> completed
     assigned, in_progress -fail-> failed -retry-> pending
     assigned, in_progress -escalate-> escalated
+    escalated -resolve-> completed, -reopen-> pending, -reject-> failed   (a person)
+    escalated -claim->, -unclaim-> escalated                      (a person; no change)
+    pending, assigned, in_progress -cancel-> cancelled
 
 What each move writes besides the status is one table, :data:`orchestration.moves.EFFECTS`.
 
 The machine starts from the task's stored status (``model=task, state_field="status"``);
-it never resets a task to pending. ``completed`` and ``escalated`` are final. ``failed``
-is not declared final (python-statemachine rejects a final state with an outgoing
-transition) but only an explicit ``retry`` moves it.
+it never resets a task to pending. ``completed`` and ``cancelled`` are final.
+``failed`` and ``escalated`` are not declared final (python-statemachine rejects a final
+state with an outgoing transition) but only a person's explicit event moves them:
+``retry`` a failed task; ``resolve``, ``reopen`` or ``reject`` an escalated one.
+``claim`` and ``unclaim`` are self-transitions of ``escalated``: audited like every
+move, validated by the machine, but the status stays.
 
 An event that is not allowed from the current state raises ``TransitionNotAllowed``
 before any callback runs, so the task object is left untouched.
@@ -43,7 +49,8 @@ class TaskStateMachine(StateMachine):
     in_progress = State(value=TaskStatus.IN_PROGRESS)
     completed = State(final=True, value=TaskStatus.COMPLETED)
     failed = State(value=TaskStatus.FAILED)
-    escalated = State(final=True, value=TaskStatus.ESCALATED)
+    escalated = State(value=TaskStatus.ESCALATED)
+    cancelled = State(final=True, value=TaskStatus.CANCELLED)
 
     assign = pending.to(assigned)
     start = assigned.to(in_progress)
@@ -51,6 +58,13 @@ class TaskStateMachine(StateMachine):
     fail = in_progress.to(failed) | assigned.to(failed)
     escalate = in_progress.to(escalated) | assigned.to(escalated)
     retry = failed.to(pending)
+    # A person's moves.
+    resolve = escalated.to(completed)
+    reopen = escalated.to(pending)
+    reject = escalated.to(failed)
+    claim = escalated.to.itself(internal=True)
+    unclaim = escalated.to.itself(internal=True)
+    cancel = pending.to(cancelled) | assigned.to(cancelled) | in_progress.to(cancelled)
 
     def __init__(self, task: Any, session: Session | None = None, **kwargs: Any) -> None:
         self.task = task
@@ -66,12 +80,30 @@ class TaskStateMachine(StateMachine):
     def on_retry(self) -> None:
         self._apply_fields("retry")
 
+    def on_resolve(self) -> None:
+        self._apply_fields("resolve")
+
+    def on_reopen(self) -> None:
+        self._apply_fields("reopen")
+
     def _apply_fields(self, event: str, agent: str | None = None) -> None:
         for name, value in move_fields(event, agent).items():
             setattr(self.task, name, value)
 
 
-EVENTS: tuple[str, ...] = tuple(EFFECTS)  # assign, start, complete, fail, escalate, retry
+# assign, start, complete, fail, escalate, retry, resolve, reopen, reject, claim,
+# unclaim, cancel
+EVENTS: tuple[str, ...] = tuple(EFFECTS)
+# The events a person sends (the CLI, the console, the API's people's calls).
+PEOPLE_EVENTS: tuple[str, ...] = (
+    "retry",
+    "resolve",
+    "reopen",
+    "reject",
+    "claim",
+    "unclaim",
+    "cancel",
+)
 
 
 def move_fields(event: str, agent: str | None = None) -> dict[str, Any]:
@@ -96,6 +128,7 @@ def create_state_machine(task: Any, session: Session | None = None) -> TaskState
 
 __all__ = [
     "EVENTS",
+    "PEOPLE_EVENTS",
     "TaskStateMachine",
     "TransitionNotAllowed",
     "create_state_machine",

@@ -38,6 +38,8 @@ class TaskRecord:
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
+    claimed_by: str | None
+    claimed_at: datetime | None
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> TaskRecord:
@@ -45,6 +47,7 @@ class TaskRecord:
         values["payload"] = read_json(values["payload"])
         values["result"] = read_json(values["result"])
         values["last_error"] = read_text(values["last_error"])
+        values["claimed_by"] = read_text(values["claimed_by"])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,12 +64,15 @@ class EventRecord:
     agent: str | None
     detail: str | None
     worker: str | None
+    actor: str | None  # who made the move: a worker's name, or the person
+    note: str | None
     at: datetime
 
     @classmethod
     def from_row(cls, row: Mapping[Any, Any]) -> EventRecord:
         values = {name: row[name] for name in cls.__slots__}
-        values["detail"] = read_text(values["detail"])
+        for name in ("detail", "actor", "note"):
+            values[name] = read_text(values[name])
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,6 +35,8 @@ from orchestration.store.writes import (
     Outcome,
     TransitionListener,
     TransitionResult,
+    _apply_many_postgres,
+    _apply_many_sqlalchemy,
     _apply_postgres,
     _apply_sqlalchemy,
     _Write,
@@ -57,7 +59,6 @@ __all__ = [
 ]
 
 
-
 def log_transition(result: TransitionResult) -> None:
     """The ``task_transition`` log line of an applied transition."""
     assert result.from_status is not None and result.to_status is not None
@@ -69,6 +70,7 @@ def log_transition(result: TransitionResult) -> None:
         to_status=result.to_status.value,
         agent=result.agent,
         detail=result.detail,
+        actor=result.actor,
     )
 
 
@@ -109,18 +111,52 @@ class TransitionStore:
         else:
             result = _apply_sqlalchemy(self.db, write)
         if result.outcome is Outcome.APPLIED:
-            for listener in self.listeners:
-                try:
-                    listener(result)
-                except Exception as err:
-                    log.warning(
-                        "transition_listener_failed",
-                        listener=getattr(listener, "__qualname__", repr(listener)),
-                        task_id=result.task_id,
-                        transition=result.event,
-                        error=f"{type(err).__name__}: {err}",
-                    )
+            self._tell(result)
         return result
+
+    def apply_many(
+        self, move: Move, task_ids: Sequence[int], from_status: TaskStatus
+    ) -> list[TransitionResult]:
+        """Apply ``move``'s event to every task of ``task_ids`` that is in ``from_status``
+        (and passes the move's guards); the others are left as they are.
+
+        One statement on PostgreSQL; each moved task gets its own audit row, and the
+        listeners hear of each. ``move.task_id`` is ignored. Returns the applied
+        transitions. Raises TransitionNotAllowed (nothing written).
+        """
+        write = _Write.of(move, self.worker)
+        apply = _apply_many_postgres if self.db.is_postgres else _apply_many_sqlalchemy
+        to_status, rows = apply(self.db, write, list(task_ids), from_status)
+        results = []
+        for row in rows:
+            agent = write.event_agent() or row.get("assigned_agent")
+            result = TransitionResult(
+                Outcome.APPLIED,
+                int(row["id"]),
+                move.event,
+                from_status,
+                to_status,
+                row,
+                agent,
+                write.reason,
+                write.actor,
+            )
+            self._tell(result)
+            results.append(result)
+        return results
+
+    def _tell(self, result: TransitionResult) -> None:
+        for listener in self.listeners:
+            try:
+                listener(result)
+            except Exception as err:
+                log.warning(
+                    "transition_listener_failed",
+                    listener=getattr(listener, "__qualname__", repr(listener)),
+                    task_id=result.task_id,
+                    transition=result.event,
+                    error=f"{type(err).__name__}: {err}",
+                )
 
 
 def apply_transition(
@@ -154,5 +190,3 @@ def apply_transition(
         extra_guard=guard or {},
     )
     return TransitionStore(db, worker=worker).apply(move)
-
-

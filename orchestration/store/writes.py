@@ -7,6 +7,7 @@ it runs. Values are made storable by :mod:`orchestration.values`' rules first.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import threading
@@ -42,6 +43,7 @@ class TransitionResult:
     row: Mapping[str, Any] = field(default_factory=dict)
     agent: str | None = None  # the agent the audit event names
     detail: str | None = None  # the audit event's detail (the reason, as stored)
+    actor: str | None = None  # who made the move (the audit event's actor)
 
     @property
     def applied(self) -> bool:
@@ -127,6 +129,8 @@ class _Write:
     agent: str | None
     reason: str | None
     worker: str | None
+    actor: str | None  # the audit row's actor: the move's, else the worker
+    note: str | None
     values: dict[str, Any]  # column -> value, or _INCREMENT; not status or updated_at
     guard: dict[str, Any]  # column -> value the row must hold (None: IS NULL)
     returning: tuple[str, ...]
@@ -135,6 +139,8 @@ class _Write:
     def of(cls, move: Move, worker: str | None) -> _Write:
         """Raises ResultRejected, InvalidPayload."""
         reason = storable_text(move.reason) if move.reason is not None else None
+        note = storable_text(move.note) if move.note is not None else None
+        actor = storable_text(move.actor) if move.actor is not None else worker
         result = encode_result(move.result) if move.result is not None else None
         effects = EFFECTS.get(move.event, _NO_EFFECTS)
         inputs = {
@@ -143,6 +149,7 @@ class _Write:
             Input.RESULT: result,
             Input.PRECLAIM: move.preclaim,
             Input.PRECLAIM_UNTIL: move.preclaim_until,
+            Input.ACTOR: actor,
         }
         values = effects.values(inputs)
         for column in effects.increments:
@@ -156,6 +163,8 @@ class _Write:
             move.agent,
             reason,
             worker,
+            actor,
+            note,
             values,
             move.guard(),
             move.returning,
@@ -205,13 +214,16 @@ def _pg_statement(
     value_cols: tuple[tuple[str, Any], ...],
     guard_cols: tuple[tuple[str, bool], ...],
     returning: tuple[str, ...],
+    many: bool = False,
 ) -> tuple[str, tuple[str, ...]]:
     """The compare-and-set and audit insert of one shape of transition, as one statement.
 
     ``value_cols``: (column, _INCREMENT, _NOW or None for a parameter); ``guard_cols``:
     (column, is_null). The event and statuses are literals and the timestamps the
     transaction's ``now()``, so each shape is one prepared statement with few
-    parameters. Returns the SQL and the names of the RETURNING columns.
+    parameters. With ``many`` the id parameter is an array: every listed task in
+    ``from_status`` moves, each with its audit row. Returns the SQL and the names of
+    the RETURNING columns.
     """
 
     def assignment(column: str, kind: Any) -> str:
@@ -223,7 +235,7 @@ def _pg_statement(
         [assignment(c, kind) for c, kind in value_cols] + [f"status = {_literal(to_status)}"]
     )
     where = " AND ".join(
-        ["id = %s", f"status = {_literal(from_status)}"]
+        ["id = ANY(%s)" if many else "id = %s", f"status = {_literal(from_status)}"]
         + [f"{c} IS NULL" if is_null else f"{c} = %s" for c, is_null in guard_cols]
     )
     cols = tuple(dict.fromkeys(["id", "assigned_agent", *returning]))
@@ -234,7 +246,7 @@ def _pg_statement(
         f"WITH changed AS (UPDATE tasks SET {sets} WHERE {where} RETURNING {ret}), "
         f"audited AS (INSERT INTO task_events (task_id, {audit_cols}) "
         f"SELECT id, {event_lit}, {from_lit}, {to_lit}, COALESCE(%s, assigned_agent), "
-        f"%s, %s, now() FROM changed) "
+        f"%s, %s, %s, %s, now() FROM changed) "
         f"SELECT {ret} FROM changed"
     )
     return sql, cols
@@ -279,7 +291,7 @@ def _apply_postgres(db: Database, write: _Write) -> TransitionResult:
         params.append(task_id)
         params += [_pg_param(c, v) for c, v in guard.items() if v is not None]
         event_agent = write.event_agent()
-        params += [event_agent, write.reason, write.worker]
+        params += [event_agent, write.reason, write.worker, write.actor, write.note]
         found = conn.execute(sql, params, prepare=True).fetchone()
     if found is None:
         return TransitionResult(Outcome.STALE, task_id, event, from_status, to_status)
@@ -287,8 +299,49 @@ def _apply_postgres(db: Database, write: _Write) -> TransitionResult:
     if event_agent is None:
         event_agent = row["assigned_agent"]
     return TransitionResult(
-        Outcome.APPLIED, task_id, event, from_status, to_status, row, event_agent, write.reason
+        Outcome.APPLIED,
+        task_id,
+        event,
+        from_status,
+        to_status,
+        row,
+        event_agent,
+        write.reason,
+        write.actor,
     )
+
+
+def _apply_many_postgres(
+    db: Database, write: _Write, ids: list[int], from_status: TaskStatus
+) -> tuple[TaskStatus, list[dict[str, Any]]]:
+    """``write``'s event for every task of ``ids`` in ``from_status``: one statement.
+
+    Returns the target status and the moved tasks' rows. Raises TransitionNotAllowed.
+    """
+    to_status = _verdict(from_status, write.event, agent=write.agent, reason=write.reason)
+    if not ids:
+        return to_status, []
+    values: dict[str, Any] = {**write.values, "updated_at": _NOW}
+    value_cols = tuple((c, v if v is _INCREMENT or v is _NOW else None) for c, v in values.items())
+    guard_cols = tuple((c, v is None) for c, v in write.guard.items())
+    sql, cols = _pg_statement(
+        write.event,
+        from_status.value,
+        to_status.value,
+        value_cols,
+        guard_cols,
+        write.returning,
+        many=True,
+    )
+    params: list[Any] = [
+        _pg_param(c, v) for c, v in values.items() if v is not _INCREMENT and v is not _NOW
+    ]
+    params.append(list(ids))
+    params += [_pg_param(c, v) for c, v in write.guard.items() if v is not None]
+    params += [write.event_agent(), write.reason, write.worker, write.actor, write.note]
+    with db.driver_connection() as conn:
+        rows = conn.execute(sql, params).fetchall()
+    return to_status, [dict(zip(cols, row, strict=True)) for row in rows]
 
 
 # -- SQLite (and any other dialect): SQLAlchemy, one transaction -----------------------
@@ -335,12 +388,38 @@ def _apply_sqlalchemy(db: Database, write: _Write) -> TransitionResult:
             "e_agent": event_agent,
             "e_detail": write.reason,
             "e_worker": write.worker,
+            "e_actor": write.actor,
+            "e_note": write.note,
             "e_at": now,
         }
         conn.execute(insert, audit)
     return TransitionResult(
-        Outcome.APPLIED, task_id, event, from_status, to_status, row, event_agent, write.reason
+        Outcome.APPLIED,
+        task_id,
+        event,
+        from_status,
+        to_status,
+        row,
+        event_agent,
+        write.reason,
+        write.actor,
     )
+
+
+def _apply_many_sqlalchemy(
+    db: Database, write: _Write, ids: list[int], from_status: TaskStatus
+) -> tuple[TaskStatus, list[dict[str, Any]]]:
+    """As :func:`_apply_many_postgres`, a transaction per task (the embedded default)."""
+    to_status = _verdict(from_status, write.event, agent=write.agent, reason=write.reason)
+    moved: list[dict[str, Any]] = []
+    if not ids:
+        return to_status, moved
+    for task_id in ids:
+        one = dataclasses.replace(write, task_id=task_id, expected=from_status)
+        result = _apply_sqlalchemy(db, one)
+        if result.outcome is Outcome.APPLIED:
+            moved.append(dict(result.row))
+    return to_status, moved
 
 
 def _sqlite_param(value: Any) -> Any:
@@ -352,7 +431,17 @@ def _sqlite_param(value: Any) -> Any:
     return text_.encode() if text_[0] in "-0123456789" else text_
 
 
-_AUDIT_COLUMNS = ("event", "from_status", "to_status", "agent", "detail", "worker", "at")
+_AUDIT_COLUMNS = (
+    "event",
+    "from_status",
+    "to_status",
+    "agent",
+    "detail",
+    "worker",
+    "actor",
+    "note",
+    "at",
+)
 
 
 @functools.lru_cache(maxsize=256)

@@ -28,8 +28,30 @@ ALLOWED: dict[tuple[TaskStatus, str], TaskStatus] = {
     (S.IN_PROGRESS, "escalate"): S.ESCALATED,
     (S.ASSIGNED, "escalate"): S.ESCALATED,
     (S.FAILED, "retry"): S.PENDING,
+    # A person's moves.
+    (S.ESCALATED, "resolve"): S.COMPLETED,
+    (S.ESCALATED, "reopen"): S.PENDING,
+    (S.ESCALATED, "reject"): S.FAILED,
+    (S.ESCALATED, "claim"): S.ESCALATED,
+    (S.ESCALATED, "unclaim"): S.ESCALATED,
+    (S.PENDING, "cancel"): S.CANCELLED,
+    (S.ASSIGNED, "cancel"): S.CANCELLED,
+    (S.IN_PROGRESS, "cancel"): S.CANCELLED,
 }
-ALL_EVENTS = ("assign", "start", "complete", "fail", "escalate", "retry")
+ALL_EVENTS = (
+    "assign",
+    "start",
+    "complete",
+    "fail",
+    "escalate",
+    "retry",
+    "resolve",
+    "reopen",
+    "reject",
+    "claim",
+    "unclaim",
+    "cancel",
+)
 ALL_PAIRS = [(status, event) for status in TaskStatus for event in ALL_EVENTS]
 COLUMNS = [attr.key for attr in inspect(Task).column_attrs]
 
@@ -68,7 +90,7 @@ def test_the_table_covers_exactly_the_machines_events() -> None:
     assert set(EVENTS) == set(ALL_EVENTS)
     sm = TaskStateMachine(task=_task(S.PENDING))
     assert [e.id for e in sm.events] == list(ALL_EVENTS)
-    assert len(ALL_PAIRS) == 36
+    assert len(ALL_PAIRS) == 84
 
 
 @pytest.mark.parametrize(
@@ -152,8 +174,8 @@ def test_machine_starts_from_a_plain_string_status(status: TaskStatus) -> None:
     assert sm.current_state_value == status
 
 
-@pytest.mark.parametrize("status", [S.COMPLETED, S.ESCALATED])
-def test_completed_and_escalated_are_final(status: TaskStatus) -> None:
+@pytest.mark.parametrize("status", [S.COMPLETED, S.CANCELLED])
+def test_completed_and_cancelled_are_final(status: TaskStatus) -> None:
     sm = TaskStateMachine(task=_task(status))
 
     assert [state.final for state in sm.configuration] == [True]
@@ -178,7 +200,15 @@ def test_failed_is_not_final_but_only_retry_leaves_it() -> None:
 
 def test_only_pending_assigned_in_progress_are_active() -> None:
     assert {s for s in TaskStatus if s.is_active} == {S.PENDING, S.ASSIGNED, S.IN_PROGRESS}
-    assert {s for s in TaskStatus if s.is_final} == {S.COMPLETED, S.ESCALATED}
+    assert {s for s in TaskStatus if s.is_final} == {S.COMPLETED, S.CANCELLED}
+
+
+def test_escalated_is_left_only_by_a_persons_events() -> None:
+    sm = TaskStateMachine(task=_task(S.ESCALATED))
+
+    assert not sm.escalated.final
+    assert not S.ESCALATED.is_final
+    assert [e.id for e in sm.allowed_events] == ["resolve", "reopen", "reject", "claim", "unclaim"]
 
 
 def test_retry_clears_agent_and_completion_and_resets_attempts() -> None:

@@ -1,0 +1,78 @@
+"""The people's side: the cancelled state, claims, who made each move, list indexes
+
+- ``cancelled`` is a status (the check constraint admits it);
+- ``tasks.claimed_by`` / ``claimed_at``: the person handling an escalation;
+- ``task_events.actor`` / ``note``: who made the move (a worker or a person) and what
+  they said; existing events get their worker as actor;
+- indexes for ``taskrail list`` and the console: newest first (by id) within a status,
+  task type, client, agent or claimer, and by creation time for ``--since``. The
+  single-column client index becomes (client_id, id).
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-12-07
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+from orchestration.models import UTCDateTime
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+_OLD = "status IN ('pending','assigned','in_progress','completed','failed','escalated')"
+_NEW = (
+    "status IN ('pending','assigned','in_progress','completed','failed','escalated',"
+    "'cancelled')"
+)
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("tasks") as batch:
+        batch.drop_constraint("ck_tasks_status", type_="check")
+        batch.create_check_constraint("ck_tasks_status", _NEW)
+        batch.add_column(sa.Column("claimed_by", sa.String(255)))
+        batch.add_column(sa.Column("claimed_at", UTCDateTime()))
+    with op.batch_alter_table("task_events") as batch:
+        batch.add_column(sa.Column("actor", sa.String(255)))
+        batch.add_column(sa.Column("note", sa.Text()))
+    op.execute("UPDATE task_events SET actor = worker WHERE actor IS NULL")
+    op.drop_index("ix_tasks_client_id", table_name="tasks")
+    op.create_index("ix_tasks_client_id_id", "tasks", ["client_id", "id"])
+    op.create_index("ix_tasks_status_id", "tasks", ["status", "id"])
+    op.create_index("ix_tasks_type_id", "tasks", ["task_type", "id"])
+    op.create_index("ix_tasks_agent_id", "tasks", ["assigned_agent", "id"])
+    op.create_index("ix_tasks_created_at", "tasks", ["created_at"])
+    op.create_index(
+        "ix_tasks_claimed_by_id",
+        "tasks",
+        ["claimed_by", "id"],
+        postgresql_where=sa.text("claimed_by IS NOT NULL"),
+        sqlite_where=sa.text("claimed_by IS NOT NULL"),
+    )
+
+
+def downgrade() -> None:
+    for name in (
+        "ix_tasks_claimed_by_id",
+        "ix_tasks_created_at",
+        "ix_tasks_agent_id",
+        "ix_tasks_type_id",
+        "ix_tasks_status_id",
+        "ix_tasks_client_id_id",
+    ):
+        op.drop_index(name, table_name="tasks")
+    op.create_index("ix_tasks_client_id", "tasks", ["client_id"])
+    op.execute("DELETE FROM task_events WHERE from_status = 'cancelled' OR to_status = 'cancelled'")
+    op.execute("DELETE FROM tasks WHERE status = 'cancelled'")
+    with op.batch_alter_table("task_events") as batch:
+        batch.drop_column("note")
+        batch.drop_column("actor")
+    with op.batch_alter_table("tasks") as batch:
+        batch.drop_column("claimed_at")
+        batch.drop_column("claimed_by")
+        batch.drop_constraint("ck_tasks_status", type_="check")
+        batch.create_check_constraint("ck_tasks_status", _OLD)
