@@ -7,7 +7,9 @@ task's final state in advance.
 - ``ok``: succeeds on the first attempt.
 - ``flaky``: fails transiently on the first ``flaky_failures`` attempts (default 1),
   then succeeds.
-- ``missing_document``: asks for a human (``Escalate("missing W-2")``).
+- ``missing_document``: asks for a human (``Escalate("missing W-2")``) until the payload
+  has a ``w2`` (a person reopens the task with it: ``taskrail reopen ID --payload
+  '{"w2": "scan.pdf"}'``), then succeeds.
 - ``invalid``: fails permanently (``PermanentError``).
 - ``work_ms`` in the payload makes the handler sleep, standing in for a slow call.
 """
@@ -54,7 +56,7 @@ def _run(task: TaskView, what: str) -> dict[str, Any]:
     if work_ms:
         time.sleep(work_ms / 1000.0)
     scenario = task.payload.get("scenario", "ok")
-    if scenario == "missing_document":
+    if scenario == "missing_document" and "w2" not in task.payload:
         raise Escalate(task.payload.get("missing", "missing W-2"))
     if scenario == "invalid":
         raise PermanentError("client record is inconsistent: tax id does not match")
