@@ -75,6 +75,11 @@ SWEEPER_LATE_INTERVALS = 3
 # message, never taken by a running handler: its expiry means "still queued, or lost".
 PRECLAIM_TOKEN_PREFIX = "q:"
 RUN_TOKEN_PREFIX = "r:"
+# While a worker process holds a handler's lease it asks the database this often whether
+# the task was cancelled (or its lease lost): the handler's TaskView.cancelled turns true
+# and its late result is discarded. One statement per process per period, whatever the
+# number of leases held.
+DEFAULT_CANCEL_POLL_S = 1.0
 
 # Metrics: `taskrail metrics` listens here (loopback unless --host says otherwise).
 DEFAULT_METRICS_PORT = 9808

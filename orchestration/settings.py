@@ -92,6 +92,11 @@ class Settings(BaseSettings):
         description="how long a producer waits for a broker that is down",
     )
     lease_ttl_s: float = Field(default=c.DEFAULT_LEASE_TTL_S, gt=0)
+    cancel_poll_s: float = Field(
+        default=c.DEFAULT_CANCEL_POLL_S,
+        gt=0,
+        description="how often a worker holding leases checks whether their tasks were cancelled",
+    )
     sweep_interval_s: float = Field(default=c.DEFAULT_SWEEP_INTERVAL_S, gt=0)
     redrive_after_s: float = Field(default=c.DEFAULT_REDRIVE_AFTER_S, gt=0)
     sweep_batch: int = Field(default=c.DEFAULT_SWEEP_BATCH, ge=1)
