@@ -62,10 +62,15 @@ def counts_by_state(db: Database) -> dict[str, int]:
 
 @dataclass(frozen=True, slots=True)
 class Throughput:
-    """Tasks that came to rest in each of the last windows, by final state."""
+    """Tasks that came to rest in each of the last windows, by resting state."""
 
     windows_min: tuple[int, ...]
     finished: dict[str, tuple[int, ...]]  # state -> count per window
+
+    @property
+    def states(self) -> tuple[str, ...]:
+        """The resting states counted, in lifecycle order (a row each on the screen)."""
+        return tuple(s.value for s in RESTING_STATUSES)
 
     def per_min(self, state: str) -> dict[str, float]:
         counts = self.finished.get(state, (0,) * len(self.windows_min))
@@ -80,7 +85,9 @@ def throughput(
     windows_min: tuple[int, ...] = THROUGHPUT_WINDOWS_MIN,
     now: datetime | None = None,
 ) -> Throughput:
-    """Completed (by ``completed_at``), failed and escalated tasks in each window.
+    """Tasks that came to rest in each window, by resting state (every one of
+    :data:`RESTING_STATUSES`): completed by ``completed_at``, failed, escalated and
+    cancelled by ``updated_at`` (their last transition).
 
     A resting task's ``updated_at`` is the time of its last transition and is never
     earlier than ``completed_at``, so filtering on ``updated_at`` from the widest
@@ -90,9 +97,8 @@ def throughput(
     now = now or utcnow()
     cutoffs = [now - timedelta(minutes=w) for w in windows_min]
     when = {
-        TaskStatus.COMPLETED: t.completed_at,
-        TaskStatus.FAILED: t.updated_at,
-        TaskStatus.ESCALATED: t.updated_at,
+        status: t.completed_at if status is TaskStatus.COMPLETED else t.updated_at
+        for status in RESTING_STATUSES
     }
     columns = [
         func.coalesce(

@@ -57,6 +57,7 @@ STATUS_STYLE = {
     "completed": "green",
     "failed": "red",
     "escalated": "yellow",
+    "cancelled": "magenta",
 }
 
 

@@ -108,6 +108,7 @@ def test_samples_of_several_processes_are_served_together_behind_basic_auth(
         metrics.transition("complete", "payroll_agent")
         metrics.transition("retry", None)
         metrics.attempt("payroll_agent", "transient_error")
+        metrics.attempt("payroll_agent", "cancelled")
         metrics.hop_duration("execute", 0.2)
         metrics.breaker_changed("agent:payroll_agent", "closed")
         metrics.breaker_state("agent:payroll_agent", "closed")
@@ -122,6 +123,7 @@ def test_samples_of_several_processes_are_served_together_behind_basic_auth(
             {"status": "in_progress", "updated_at": now},
             {"status": "completed", "updated_at": now, "completed_at": now},
             {"status": "completed", "updated_at": now, "completed_at": now},
+            {"status": "cancelled", "updated_at": now},
         ],
     )
     # When the metrics endpoint serves them with credentials
@@ -159,6 +161,7 @@ def test_samples_of_several_processes_are_served_together_behind_basic_auth(
     assert (
         _value(s, "taskrail_attempts_total", agent="payroll_agent", outcome="transient_error") == 1
     )
+    assert _value(s, "taskrail_attempts_total", agent="payroll_agent", outcome="cancelled") == 1
     assert _value(s, "taskrail_deferrals_total", agent="payroll_agent") == 1
     assert _value(s, "taskrail_hop_duration_seconds_count", hop="execute") == 2
     assert _value(s, "taskrail_hop_duration_seconds_bucket", hop="execute", le="0.005") == 1
@@ -174,6 +177,10 @@ def test_samples_of_several_processes_are_served_together_behind_basic_auth(
     assert _value(s, "taskrail_tasks", state="in_progress") == 1
     assert _value(s, "taskrail_tasks", state="completed") == 2
     assert _value(s, "taskrail_tasks", state="failed") == 0
+    assert _value(s, "taskrail_tasks", state="cancelled") == 1
+    # every state has its gauge, zeros included
+    states = {"pending", "assigned", "in_progress", "completed", "failed", "escalated"}
+    assert {dict(k[1])["state"] for k in s if k[0] == "taskrail_tasks"} == states | {"cancelled"}
     assert _value(s, "taskrail_tasks_stuck") == 1
     # and files are named by host and pid, so containers sharing the folder never collide
     names = sorted(p.name for p in folder.iterdir())
@@ -252,6 +259,9 @@ def test_status_throughput_counts_each_window(sqlite_db: Database) -> None:
     )
     rows.append({"status": "failed", "updated_at": now - timedelta(minutes=2)})
     rows.append({"status": "pending", "updated_at": now})
+    # and two tasks cancelled 10 s and 8 min ago (a cancel sets no completed_at)
+    rows += [{"status": "cancelled", "updated_at": now - timedelta(seconds=10)}]
+    rows += [{"status": "cancelled", "updated_at": now - timedelta(minutes=8)}]
     _seed(sqlite_db, rows)
     # When the status report is built
     report = status_report(sqlite_db, redrive_after_s=15).to_dict()
@@ -259,8 +269,18 @@ def test_status_throughput_counts_each_window(sqlite_db: Database) -> None:
     assert report["throughput"]["completed_per_min"] == {"1m": 3.0, "5m": 1.0, "15m": 0.4}
     assert report["throughput"]["failed_per_min"] == {"1m": 0.0, "5m": 0.2, "15m": 0.07}
     assert report["throughput"]["escalated_per_min"] == {"1m": 0.0, "5m": 0.0, "15m": 0.0}
-    assert report["counts"]["completed"] == 7
-    assert report["total"] == 9
+    assert report["throughput"]["cancelled_per_min"] == {"1m": 1.0, "5m": 0.2, "15m": 0.13}
+    # and every state is counted, the total is of them all
+    assert report["counts"] == {
+        "pending": 1,
+        "assigned": 0,
+        "in_progress": 0,
+        "completed": 7,
+        "failed": 1,
+        "escalated": 0,
+        "cancelled": 2,
+    }
+    assert report["total"] == 11
     assert report["stuck"]["count"] == 0
 
 
