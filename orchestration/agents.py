@@ -12,7 +12,9 @@
 
 A handler gets a read-only :class:`TaskView` and returns a JSON-serialisable result.
 It may run more than once for one task (a worker that dies mid-call is replaced, and
-the call is made again), so outside effects should be idempotent.
+the call is made again), so outside effects should be idempotent. A long handler reads
+``task.cancelled`` between its steps and stops when it turns true (the task was
+cancelled): whatever it returns then is discarded.
 
 - ``Escalate(reason)``: a human must look; the task ends ``escalated``.
 - ``PermanentError(reason)``: fail now, no retries; the task ends ``failed``.
@@ -65,13 +67,19 @@ def _freeze(value: Any) -> Any:
 
 @dataclass(frozen=True, slots=True)
 class TaskView:
-    """What a handler may see of its task. Read-only, payload included."""
+    """What a handler may see of its task. Read-only, payload included.
+
+    ``_stop`` is the event the worker sets when this run is no longer wanted
+    (:attr:`cancelled`); None for a view no worker watches (a test; an isolated run,
+    whose process is killed instead).
+    """
 
     id: int
     client_id: int
     task_type: str
     payload: Mapping[str, Any]
     attempt: int
+    _stop: threading.Event | None = field(default=None, repr=False, compare=False)
 
     @property
     def idempotency_key(self) -> str:
@@ -79,17 +87,35 @@ class TaskView:
         cut): pass it to outside services so that they can drop the repeat."""
         return f"taskrail-{self.id}-{self.attempt}"
 
+    @property
+    def cancelled(self) -> bool:
+        """True once nothing this run returns will be used: the task was cancelled (the
+        worker notices within ``TASKRAIL_CANCEL_POLL_S``, 1 s by default), or another
+        worker took the run over. Check it between steps and return (or raise) when it
+        turns true; a run that ignores it goes on until it ends by itself, and its
+        result is discarded all the same."""
+        stop = self._stop
+        return stop is not None and stop.is_set()
+
     @classmethod
     def build(
-        cls, id: int, client_id: int, task_type: str, payload: Mapping[str, Any], attempt: int
+        cls,
+        id: int,
+        client_id: int,
+        task_type: str,
+        payload: Mapping[str, Any],
+        attempt: int,
+        *,
+        stop: threading.Event | None = None,
     ) -> TaskView:
-        """The view of a task whose payload is as stored. Raises InvalidPayload for one
-        nested too deep to walk (:func:`orchestration.values.check_task_row` says more)."""
+        """The view of a task whose payload is as stored; ``stop`` backs
+        :attr:`cancelled`. Raises InvalidPayload for a payload nested too deep to walk
+        (:func:`orchestration.values.check_task_row` says more)."""
         try:
             frozen = _freeze(payload or {})
         except RecursionError:
             raise InvalidPayload(f"nested deeper than {c.MAX_JSON_DEPTH} levels") from None
-        return cls(id, client_id, task_type, frozen, attempt)
+        return cls(id, client_id, task_type, frozen, attempt, stop)
 
 
 Handler = Callable[[TaskView], Any]

@@ -181,3 +181,42 @@ def hang(task: TaskView) -> dict[str, Any]:
 def svc_trial(task: TaskView) -> dict[str, Any]:
     """A one-failure breaker in front of a service that is down while ``trial:down`` is 1."""
     return _service_call(task, "trial:down")
+
+
+# -- cancellation (tests/integration/test_cancel_running.py) ------------------------------
+
+
+def _note_start(task: TaskView) -> redis.Redis:
+    """Counts the call (``calls:<id>``) and notes the process it runs in (``pid:<id>``)."""
+    counter = _pid_counter()
+    pipe = counter.pipeline(transaction=False)
+    pipe.incr(key(f"calls:{task.id}"))
+    pipe.set(key(f"pid:{task.id}"), os.getpid())
+    pipe.execute()
+    return counter
+
+
+@agent("cancellable_agent", task_types=["cancellable"], max_attempts=1)
+def cancellable(task: TaskView) -> dict[str, Any]:
+    """Works in steps of 0.1 s for ``run_s`` (default 20 s), reading ``task.cancelled``
+    between them. Records the steps it saw before the flag (``saw_cancel:<id>``, set only
+    when it saw it) and that it returned (``returned:<id>``)."""
+    counter = _note_start(task)
+    steps = int(float(task.payload.get("run_s", 20)) / 0.1)
+    for step in range(steps):
+        if task.cancelled:
+            counter.set(key(f"saw_cancel:{task.id}"), step)
+            break
+        time.sleep(0.1)
+    counter.set(key(f"returned:{task.id}"), 1)
+    return {"steps": steps, "cancelled": task.cancelled}
+
+
+@agent("stubborn_agent", task_types=["stubborn"], max_attempts=1)
+def stubborn(task: TaskView) -> dict[str, Any]:
+    """Never reads ``task.cancelled``: sleeps ``sleep_s`` (default 5), then returns a
+    result (noting ``returned:<id>``)."""
+    counter = _note_start(task)
+    time.sleep(float(task.payload.get("sleep_s", 5)))
+    counter.set(key(f"returned:{task.id}"), 1)
+    return {"ignored": "the cancel"}

@@ -9,6 +9,11 @@ stopped: a hung call keeps its thread, never the hop's).
 that the hop kills at the time limit. A task runs isolated once a worker died while
 its handler ran: if the handler is what kills its process, only that task pays.
 Requests and replies are JSON on the child's stdin and stdout.
+
+A run whose view is cancelled (``TaskView.cancelled``: the lease keeper found its task
+cancelled, or its lease lost) ends the wait as well, within ``STOP_CHECK_S``: the hop
+gets a ``cancelled`` outcome, a thread's late result is discarded, a child process is
+killed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -36,6 +42,9 @@ log = get_logger("taskrail.hop")
 MAX_HANDLER_THREADS = 4096
 # How long a child process gets to start and report before its time limit counts.
 ISOLATED_START_GRACE_S = 10.0
+# How often a hop waiting for a handler looks whether the run was cancelled (the lease
+# keeper sets the flag; this only bounds how long the hop goes on waiting after that).
+STOP_CHECK_S = 0.25
 
 
 class Kind(enum.StrEnum):
@@ -45,6 +54,7 @@ class Kind(enum.StrEnum):
     ERROR = "error"  # a transient exception
     TIMEOUT = "timeout"  # past the agent's time limit
     DIED = "died"  # the handler's own process died
+    CANCELLED = "cancelled"  # the run was cancelled: the hop stopped waiting for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,13 +90,51 @@ def classify(err: BaseException) -> CallOutcome:
     return CallOutcome(Kind.ERROR, reason=f"{type(err).__name__}: {err}", error=err)
 
 
-def _discard_late(future: Future[Any], task_id: int) -> None:
+CANCELLED_REASON = "cancelled"
+TIME_LIMIT = "time limit"
+
+
+def discarded(task_id: int, handler: str, reason: str) -> None:
+    """Log that a run's result (``handler``: returned, raised, killed) is thrown away
+    because of ``reason``: ``cancelled`` (expected: an operator asked) or the time limit."""
+    if reason == CANCELLED_REASON:
+        log.info("late_result_discarded", task_id=task_id, handler=handler, reason=reason)
+    else:
+        log.warning("late_result_discarded", task_id=task_id, handler=handler, reason=reason)
+
+
+def _discard_late(future: Future[Any], task_id: int, reason: str) -> None:
     outcome = "raised" if future.exception() is not None else "returned"
-    log.warning("late_result_discarded", task_id=task_id, handler=outcome)
+    discarded(task_id, outcome, reason)
+
+
+class _Stopped(Exception):
+    """The run was cancelled while the hop waited for it."""
+
+
+def _wait(future: Future[Any], view: TaskView, time_limit_s: float) -> Any:
+    """The handler's result, waiting at most ``time_limit_s``; raises what it raised,
+    FutureTimeout past the limit, _Stopped once ``view`` is cancelled."""
+    try:  # a short handler: the one wait it takes
+        return future.result(timeout=min(time_limit_s, STOP_CHECK_S))
+    except FutureTimeout:
+        if future.done():  # the handler's own TimeoutError
+            raise
+    deadline = time.monotonic() + time_limit_s - STOP_CHECK_S
+    while True:
+        if view.cancelled:
+            raise _Stopped
+        left_s = deadline - time.monotonic()
+        try:
+            return future.result(timeout=max(0.0, min(left_s, STOP_CHECK_S)))
+        except FutureTimeout:
+            if future.done() or left_s <= STOP_CHECK_S:
+                raise
 
 
 def call(spec: AgentSpec, view: TaskView) -> CallOutcome:
-    """Run ``spec``'s handler on ``view`` in this process, waiting at most its time limit.
+    """Run ``spec``'s handler on ``view`` in this process, waiting at most its time limit,
+    or until ``view`` is cancelled.
 
     Whatever the handler raises is its outcome; what interrupts the wait itself (the
     worker shutting down) propagates.
@@ -94,15 +142,18 @@ def call(spec: AgentSpec, view: TaskView) -> CallOutcome:
     context = contextvars.copy_context()
     future = _handler_pool().submit(context.run, spec.handler, view)
     try:
-        result = future.result(timeout=spec.time_limit_s)
-    except FutureTimeout:
-        future.add_done_callback(lambda f: _discard_late(f, view.id))
-        return CallOutcome(Kind.TIMEOUT, reason=time_limit_reason(spec))
+        result = _wait(future, view, spec.time_limit_s)
+    except _Stopped:
+        future.add_done_callback(lambda f: _discard_late(f, view.id, CANCELLED_REASON))
+        return CallOutcome(Kind.CANCELLED, reason=CANCELLED_REASON)
     except BaseException as err:
-        if not future.done():  # raised in this thread (a worker shutting down): not ours
-            raise
+        if not future.done():
+            if isinstance(err, FutureTimeout):  # the limit passed, the handler runs on
+                future.add_done_callback(lambda f: _discard_late(f, view.id, TIME_LIMIT))
+                return CallOutcome(Kind.TIMEOUT, reason=time_limit_reason(spec))
+            raise  # raised in this thread (a worker shutting down): not ours
         # The handler raised it: SystemExit or KeyboardInterrupt from a handler are its
-        # failures too, not this worker's.
+        # failures too, not this worker's; its own TimeoutError is a transient error.
         return classify(err)
     return CallOutcome(Kind.RESULT, result=result)
 
@@ -130,14 +181,26 @@ def call_isolated(spec: AgentSpec, view: TaskView, agent_modules: tuple[str, ...
         stdout=subprocess.PIPE,
         cwd=os.getcwd(),
     )
-    try:
-        out, _ = proc.communicate(
-            json.dumps(request).encode(), timeout=spec.time_limit_s + ISOLATED_START_GRACE_S
-        )
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        return CallOutcome(Kind.TIMEOUT, reason=time_limit_reason(spec))
+    deadline = time.monotonic() + spec.time_limit_s + ISOLATED_START_GRACE_S
+    request_bytes: bytes | None = json.dumps(request).encode()
+    while True:
+        left_s = deadline - time.monotonic()
+        try:
+            # Called again after a timeout it goes on where it stopped (the request is
+            # given once), output included.
+            out, _ = proc.communicate(request_bytes, timeout=max(0.0, min(left_s, STOP_CHECK_S)))
+            break
+        except subprocess.TimeoutExpired:
+            request_bytes = None
+            if view.cancelled:
+                proc.kill()
+                proc.communicate()
+                discarded(view.id, "killed", CANCELLED_REASON)
+                return CallOutcome(Kind.CANCELLED, reason=CANCELLED_REASON)
+            if left_s <= STOP_CHECK_S:
+                proc.kill()
+                proc.communicate()
+                return CallOutcome(Kind.TIMEOUT, reason=time_limit_reason(spec))
     reply = _reply(out)
     if reply is None:
         return CallOutcome(Kind.DIED, reason=died_reason(proc.returncode))

@@ -16,11 +16,22 @@
                           anything else     another attempt after a backoff, or fail
                                             after max_attempts; a failed half-open
                                             trial uses no attempt (a deferral)
+                          cancelled         nothing: the task was cancelled (or the run
+                                            taken over) while the handler ran; its
+                                            result is discarded, no attempt counted,
+                                            no verdict for the breaker
+
+While the handler runs, the lease keeper watches its run (every ``cancel_poll_s``): once
+the task is no longer in progress under this run's lease it sets the run's stop event,
+which the handler reads as ``TaskView.cancelled`` and which ends the hop's wait
+(:mod:`workers.calls`). An outcome write is a compare-and-set on the status and the
+lease, so a result that comes back after a cancel is never written either.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -215,6 +226,7 @@ def run_claimed(
             ),
         )
         return
+    stop = threading.Event()  # set by the lease keeper when the run is no longer wanted
     try:
         # The producer's own rules: a row that breaks them was never accepted by them.
         values.check_task_row(claimed.client_id, claimed.task_type, claimed.payload)
@@ -224,17 +236,18 @@ def run_claimed(
             claimed.task_type,
             claimed.payload,
             claimed.attempts + 1,  # the handler sees the number of its attempt
+            stop=stop,
         )
     except (TaskrailError, ValueError, TypeError, RecursionError) as err:
         breaker.abandon(permit)
         finish(rt, claimed, "fail", reason=f"the task cannot run: {error_text(err)}")
         return
-    with rt.leases.hold(claimed.task_id, claimed.token, claimed.expires_at):
+    with rt.leases.hold(claimed.task_id, claimed.token, claimed.expires_at, stop=stop):
         if claimed.isolated:
             outcome = calls.call_isolated(spec, view, tuple(rt.settings.agents))
         else:
             outcome = calls.call(spec, view)
-    conclude(rt, spec, breaker, permit, claimed, outcome)
+    conclude(rt, spec, breaker, permit, claimed, outcome, stopped=stop.is_set())
 
 
 def conclude(
@@ -244,9 +257,23 @@ def conclude(
     permit: Permit,
     claimed: leases.Claim,
     outcome: CallOutcome,
+    *,
+    stopped: bool = False,
 ) -> None:
-    """Tell the breaker how the call went and write what follows from it."""
+    """Tell the breaker how the call went and write what follows from it.
+
+    ``stopped``: the lease keeper found the run no longer this worker's (the task was
+    cancelled, or taken over) while it ran: nothing is written, whatever the outcome.
+    """
     kind = outcome.kind
+    if stopped or kind is Kind.CANCELLED:
+        # Not the downstream's doing: no verdict; the attempt ends with the task.
+        breaker.abandon(permit)
+        metrics.attempt(spec.name, "cancelled")
+        if kind is not Kind.CANCELLED:  # the handler ended: its outcome is dropped here
+            handler = {Kind.RESULT: "returned", Kind.DIED: "died"}.get(kind, "raised")
+            calls.discarded(claimed.task_id, handler, calls.CANCELLED_REASON)
+        return
     if kind is Kind.RESULT:
         breaker.on_success(permit)
         metrics.attempt(spec.name, "succeeded")
@@ -318,7 +345,22 @@ def finish(
     with rt.leases.hold(claimed.task_id, claimed.token):
         outcome = persist(event, lambda: rt.transitions.apply(move))
     if outcome.outcome is not Outcome.APPLIED:
-        log.warning("lease_lost", transition=event, reason="another worker took the task over")
+        lost(rt, claimed.task_id, event)
+
+
+def lost(rt: Runtime, task_id: int, transition: str) -> None:
+    """Log why a run's write matched nothing: the task was cancelled meanwhile (its result
+    is discarded), or another worker took the run over. Reads the row (a lost write is
+    rare); a database that cannot say is the second case's line."""
+    try:
+        row = leases.describe(rt.db, task_id)
+    except TaskrailError:
+        row = None
+    if row is not None and row["status"] == TaskStatus.CANCELLED:
+        handler = "returned" if transition == "complete" else "raised"
+        calls.discarded(task_id, handler, calls.CANCELLED_REASON)
+    else:
+        log.warning("lease_lost", transition=transition, reason="another worker took the task over")
 
 
 def error_text(err: BaseException) -> str:
@@ -347,7 +389,7 @@ def transient(rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str) -
         lambda: leases.release(rt.db, claimed.task_id, claimed.token, retry_at, error=error),
     )
     if not released:
-        log.warning("lease_lost", transition="retry", reason="another worker took the task over")
+        lost(rt, claimed.task_id, "retry")
         return
     log.info(
         "attempt_failed", error=error, retry_in_s=round(delay, 2), max_attempts=spec.max_attempts
@@ -368,7 +410,7 @@ def trial_failed(rt: Runtime, spec: AgentSpec, claimed: leases.Claim, error: str
         ),
     )
     if since is None:
-        log.warning("lease_lost", transition="defer", reason="another worker took the task over")
+        lost(rt, claimed.task_id, "defer")
         return
     log.info("trial_failed", error=error)
     wait_or_escalate(rt, claimed.task_id, attempts, spec, since, delay, spec.breaker_name)

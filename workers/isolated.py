@@ -4,6 +4,9 @@ Reads a JSON request on stdin (agent modules, agent name, the task view's fields
 writes one JSON line on stdout: ``{"kind": "result", "result": ...}``, or ``escalate``,
 ``permanent`` or ``error`` with a ``reason``. Whatever the handler prints goes to
 stderr. A process that dies before it writes its line is the caller's verdict.
+
+The handler's view is not watched here (``task.cancelled`` stays false): when the task
+is cancelled the parent kills this process (:func:`workers.calls.call_isolated`).
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def runtime(app: Celery) -> Runtime:
                 db=db,
                 dispatcher=Dispatcher(app),
                 worker=worker,
-                leases=LeaseKeeper(db, settings.lease_ttl_s),
+                leases=LeaseKeeper(db, settings.lease_ttl_s, cancel_poll_s=settings.cancel_poll_s),
                 breakers=BreakerBoard(
                     settings.redis_url,
                     namespace=settings.breaker_namespace,

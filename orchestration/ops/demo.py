@@ -212,7 +212,8 @@ def run_demo(
     show_progress: bool = True,
     stall_s: float = DEFAULT_STALL_S,
 ) -> DemoResult:
-    """Submit ``n`` demo tasks and wait until every one rests (completed, failed, escalated).
+    """Submit ``n`` demo tasks and wait until every one rests (completed, failed,
+    escalated, or cancelled by an operator meanwhile).
 
     Raises DemoFailed, naming the first error line of the workers' logs and where the
     logs are kept: when the breaker Redis cannot be reached, a worker the demo started
@@ -248,9 +249,10 @@ def _wait(
     timeout_s: float,
     stall_s: float,
 ) -> tuple[dict[str, int], float]:
-    """Poll until every task rests; the progress bar shows the counts. Returns the counts
-    and the seconds from the first poll that saw a task move (the workers' start-up left
-    out) to the one that saw them all at rest. Raises DemoFailed."""
+    """Poll until every task rests (any of RESTING_STATUSES: a task an operator cancels
+    meanwhile is done too); the progress bar shows the counts. Returns the counts and the
+    seconds from the first poll that saw a task move (the workers' start-up left out) to
+    the one that saw them all at rest. Raises DemoFailed."""
     n = len(ids)
     started = last_move = time.perf_counter()
     mark: tuple[Any, ...] = ()
@@ -307,7 +309,8 @@ def render(result: DemoResult, console: Console) -> None:
     table.add_column("final state")
     table.add_column("tasks", justify="right")
     table.add_column("expected", justify="right")
-    for state in ("completed", "failed", "escalated"):
+    for status in RESTING_STATUSES:  # every state a demo task may end in, cancelled too
+        state = status.value
         table.add_row(state, str(result.counts.get(state, 0)), str(result.expected.get(state, 0)))
     console.print(table)
     console.print(

@@ -3,7 +3,8 @@
 At each scrape it adds up the samples every worker process wrote to
 ``PROMETHEUS_MULTIPROC_DIR`` (:mod:`orchestration.ops.metrics`) and reads from the database:
 
-- ``taskrail_tasks{state}``: tasks in each state;
+- ``taskrail_tasks{state}``: tasks in each state (every state, cancelled included, zeros
+  too);
 - ``taskrail_tasks_stuck``: active tasks with nothing in flight (what the sweeper
   re-drives), ``taskrail_tasks_stuck_preclaimed`` those of them whose execute message
   is still queued or lost, ``taskrail_tasks_over_time_limit`` (in_progress under a live

@@ -144,8 +144,9 @@ def hop_duration(hop: str, seconds: float) -> None:
 def attempt(agent: str, outcome: str) -> None:
     """Count one handler call of ``agent`` and how it ended.
 
-    ``outcome``: ``succeeded``, ``escalated``, ``permanent_error``, ``transient_error``
-    or ``timed_out``.
+    ``outcome``: ``succeeded``, ``escalated``, ``permanent_error``, ``transient_error``,
+    ``timed_out``, ``died`` (the handler's process) or ``cancelled`` (the task was
+    cancelled while the handler ran: its outcome was discarded).
     """
     try:
         _get().attempts.labels(agent, outcome).inc()

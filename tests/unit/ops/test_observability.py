@@ -540,3 +540,26 @@ def test_a_sweep_during_a_database_outage_logs_a_retry_not_a_traceback(tmp_path:
     assert len(retries) == 1 and retries[0]["level"] == "warning", done.stderr
     assert retries[0]["error_type"] == "DatabaseUnavailable"
     assert "s3cret" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_demos_table_has_a_row_for_every_resting_state() -> None:
+    from rich.console import Console
+
+    from orchestration.ops.demo import DemoResult, render
+
+    # Given a demo run in which an operator cancelled two of the six tasks
+    result = DemoResult(
+        6, {"completed": 3, "escalated": 1, "cancelled": 2}, {"completed": 4, "escalated": 2}, 2.0
+    )
+    console = Console(record=True, width=120)
+    # When its outcome is shown
+    render(result, console)
+    cells = [
+        [cell.strip() for cell in line.split("│") if cell.strip()]
+        for line in console.export_text().splitlines()
+    ]
+    rows = {row[0]: row[1:] for row in cells if len(row) == 3}
+    # Then every resting state has its row, and the rows add up to what was submitted
+    assert rows["completed"] == ["3", "4"] and rows["escalated"] == ["1", "2"]
+    assert rows["failed"] == ["0", "0"] and rows["cancelled"] == ["2", "0"]
+    assert sum(int(rows[s][0]) for s in ("completed", "failed", "escalated", "cancelled")) == 6

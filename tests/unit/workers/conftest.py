@@ -8,6 +8,7 @@ would send, the breaker's verdicts, the handler calls.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,14 +52,25 @@ class FakeDispatcher:
 
 
 class FakeKeeper:
-    """Records the leases held; ``holding`` is what is held right now."""
+    """Records the leases held; ``holding`` is what is held right now, ``stops`` the stop
+    event of each watched run (the real keeper sets it when the task is cancelled)."""
 
     def __init__(self) -> None:
         self.held: list[tuple[int, str]] = []
         self.holding: list[tuple[int, str]] = []
+        self.stops: dict[int, threading.Event] = {}
 
     @contextmanager
-    def hold(self, task_id: int, token: str, expires_at: float | None = None) -> Iterator[None]:
+    def hold(
+        self,
+        task_id: int,
+        token: str,
+        expires_at: float | None = None,
+        *,
+        stop: threading.Event | None = None,
+    ) -> Iterator[None]:
+        if stop is not None:
+            self.stops[task_id] = stop
         self.held.append((task_id, token))
         self.holding.append((task_id, token))
         try:
