@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     )
     metrics_host: str = c.DEFAULT_METRICS_HOST
     metrics_port: int = Field(default=c.DEFAULT_METRICS_PORT, ge=1, le=65535)
+    web_auth: SecretStr | None = Field(
+        default=None, description="user:password that `taskrail web` (the console) requires"
+    )
 
     prefetch_multiplier: int = Field(default=c.DEFAULT_PREFETCH_MULTIPLIER, ge=1)
     visibility_timeout_s: int = Field(default=c.DEFAULT_VISIBILITY_TIMEOUT_S, ge=1)

@@ -55,6 +55,7 @@ pytestmark = pytest.mark.integration
 HOPS = {"taskrail.assign", "taskrail.start", "taskrail.execute"}
 FLOWER_AUTH = "ops:flower-pw"
 METRICS_AUTH = "prom:metrics-pw"
+WEB_AUTH = "ana:web-pw"
 AMQP_URL = os.environ.get("TASKRAIL_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672//")
 HOST = socket.gethostname()
 
@@ -298,6 +299,7 @@ def test_procfile_runs_under_honcho(
             "FLOWER_PORT": str(flower_port),
             "TASKRAIL_METRICS_AUTH": METRICS_AUTH,
             "TASKRAIL_METRICS_PORT": str(metrics_port),
+            "TASKRAIL_WEB_AUTH": WEB_AUTH,  # the console: the sixth line, on PORT 5500
         }
     )
     log = tmp_path / "honcho.log"
@@ -335,6 +337,9 @@ def test_procfile_runs_under_honcho(
         assert status == 200 and f"worker-5000@{HOST}" in json.loads(body)
         assert http_get(f"http://127.0.0.1:{flower_port}/api/workers")[0] == 401
         assert http_get(f"http://127.0.0.1:{metrics_port}/metrics")[0] == 401
+        # and the console answers on honcho's PORT for it, with credentials only
+        assert http_get("http://127.0.0.1:5500/api/tasks?limit=1", auth=WEB_AUTH)[0] == 200
+        assert http_get("http://127.0.0.1:5500/api/tasks?limit=1")[0] == 401
     finally:
         # honcho stops every process it started (SIGTERM, SIGKILL after 5 s)
         children = _honcho_children(log)
@@ -347,8 +352,8 @@ def test_procfile_runs_under_honcho(
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
             stop(honcho)
-    assert len(_honcho_children(log)) == 5, read(log)[-3000:]
-    assert read(log).count(" stopped (rc=") == 5, read(log)[-3000:]
+    assert len(_honcho_children(log)) == 6, read(log)[-3000:]
+    assert read(log).count(" stopped (rc=") == 6, read(log)[-3000:]
 
 
 def _purge_rabbitmq(url: str, settings: Settings) -> int:

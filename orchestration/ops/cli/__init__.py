@@ -22,6 +22,7 @@ from orchestration.redact import redact_text
 from orchestration.ops.cli import tasks  # noqa: F401
 from orchestration.ops.cli import operations  # noqa: F401
 from orchestration.ops.cli import deadletters  # noqa: F401
+from orchestration.ops.cli import web  # noqa: F401
 # isort: on
 
 __all__ = ["app", "main"]

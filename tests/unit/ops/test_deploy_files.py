@@ -36,8 +36,8 @@ from tests.deploy_support import (
 from tests.support import PG_ADMIN_URL, REPO
 
 BIN = Path(sys.executable).parent
-SERVICES = ("postgres", "redis", "migrate", "worker", "executor", "beat", "flower", "metrics")
-APP_SERVICES = ("worker", "executor", "beat", "flower", "metrics")
+APP_SERVICES = ("worker", "executor", "beat", "flower", "metrics", "web")
+SERVICES = ("postgres", "redis", "migrate", *APP_SERVICES)
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -154,6 +154,45 @@ def test_flower_and_metrics_require_credentials_in_both(tmp_path: Path) -> None:
     assert metrics.returncode == 2  # a configuration error
     assert "TASKRAIL_METRICS_AUTH" in metrics.stderr
     assert "serving" not in metrics.stderr
+
+
+def _without_port(words: list[str]) -> list[str]:
+    """``words`` without ``--port N``: honcho gives each process its own PORT."""
+    at = words.index("--port")
+    return words[:at] + words[at + 2 :]
+
+
+def test_web_is_the_same_console_in_both_and_needs_its_credentials(tmp_path: Path) -> None:
+    procs = procfile()
+    services = compose()["services"]
+    ours = command_words(procs["web"])
+    theirs = command_words(_compose_command(services["web"]))
+    # The same command, bound to loopback on a laptop (every interface in its container)
+    assert ours[:2] == ["taskrail", "web"]
+    assert _without_port(ours) == _without_port(theirs)
+    assert "--host 127.0.0.1" in procs["web"]
+    assert ours[ours.index("--port") + 1] == "${PORT:-8080}"
+    assert theirs[theirs.index("--port") + 1] == "8080"
+    assert services["web"]["ports"] == ["127.0.0.1:8080:8080"]
+    # compose refuses to start it without credentials; its health check brings them
+    required = re.compile(r"^\$\{(\w+):\?.+\}$")
+    web_auth = required.match(services["web"]["environment"]["TASKRAIL_WEB_AUTH"])
+    assert web_auth and web_auth.group(1) == "TASKRAIL_WEB_AUTH"
+    check = services["web"]["healthcheck"]["test"]
+    assert "TASKRAIL_WEB_AUTH" in check[-1] and ":8080/api/tasks" in check[-1]
+    # and so does the Procfile's line, run as honcho runs it, without the variable
+    done = subprocess.run(
+        procs["web"],
+        shell=True,
+        cwd=REPO,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2  # a configuration error
+    assert "TASKRAIL_WEB_AUTH is not set" in done.stderr
+    assert "serving" not in done.stderr
 
 
 def test_every_command_exists_in_the_real_cli(tmp_path: Path) -> None:
