@@ -17,6 +17,15 @@
         raise
     breaker.on_success(permit)
 
+Coroutines use the same breaker, awaited: ``permit = await breaker.abefore_call()``,
+``await breaker.aon_success(permit)`` / ``aon_failure(permit, exc)`` / ``aabandon(permit)``,
+or ``await breaker.acall(fetch, url)``, ``async with breaker.acalling():``, and
+``@breaker.circuit`` on an ``async def``. Their Redis round trips go through
+``redis.asyncio`` (one client per event loop; ``await board.aclose()`` before the loop
+ends) with the same scripts, keys and cached view, so they cost the same commands and
+share one state with threads and other processes. An ``asyncio.CancelledError`` (a time
+limit, a cancel) is no verdict: nothing counted, a half-open trial's lease released.
+
 Each breaker is a pybreaker ``CircuitBreaker`` subclass over a subclass of
 ``CircuitRedisStorage`` with its own keys. What the stock Redis storage gets wrong for
 us, and what this package does instead:

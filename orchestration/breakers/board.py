@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
+import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import pybreaker
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from orchestration import constants as c
+from orchestration.breakers.async_storage import (
+    AsyncRedisBreakerStorage,
+    AsyncScripts,
+    CommandTally,
+    CountingAsyncRedis,
+)
 from orchestration.breakers.breaker import SharedBreaker
-from orchestration.breakers.memory import MemoryBreakerStorage
+from orchestration.breakers.memory import AsyncMemoryBreakerStorage, MemoryBreakerStorage
 from orchestration.breakers.model import (
     STATE_OPEN,
     BreakerInfo,
     BreakerStateChange,
 )
 from orchestration.breakers.storage import (
+    AsyncBreakerStorage,
     CountingRedis,
     RedisBreakerStorage,
     Scripts,
@@ -36,6 +47,15 @@ log = get_logger(__name__)
 StateChangeHook = Callable[[BreakerStateChange], None]
 
 
+@dataclass(slots=True)
+class _LoopClient:
+    """One event loop's Redis client, its scripts and its breakers' storages."""
+
+    client: CountingAsyncRedis
+    scripts: AsyncScripts
+    storages: dict[str, AsyncRedisBreakerStorage] = field(default_factory=dict)
+
+
 class BreakerBoard:
     """Every breaker of this process, by name, sharing one storage.
 
@@ -47,6 +67,11 @@ class BreakerBoard:
     exceptions are logged, never raised. ``clock`` (epoch seconds; tests) replaces the
     clocks the breakers read: Redis's ``TIME`` (the scripts get the time as an
     argument), ``time.time`` in memory and ``time.monotonic`` for the cached views.
+
+    Coroutines use the same breakers (``acall``, ``abefore_call``, ...): the board opens
+    a ``redis.asyncio`` client, with the same options, for each event loop that uses
+    one (its connections belong to that loop); ``await board.aclose()`` on a loop
+    before it ends closes that loop's client.
     """
 
     def __init__(
@@ -69,13 +94,20 @@ class BreakerBoard:
         self._memory: dict[str, MemoryBreakerStorage] = {}
         self._client: CountingRedis | None = None
         self._scripts: Scripts | None = None
+        self._redis_url: str | None = redis_url
+        self._async_options: dict[str, Any] = {}
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._async_memory: dict[str, AsyncMemoryBreakerStorage] = {}
+        self._async_tally = CommandTally()
         if redis_url is None:
             self.where = "memory"
             self.cache_ttl_s = 0.0  # reading process memory costs nothing
             return
         self.where = redact_url(redis_url)
         self.cache_ttl_s = cache_ttl_s
-        options: dict[str, Any] = {
+        common: dict[str, Any] = {
             "socket_timeout": c.BREAKER_REDIS_SOCKET_TIMEOUT_S,
             "socket_connect_timeout": c.BREAKER_REDIS_CONNECT_TIMEOUT_S,
             # An idle connection to a host that vanished is found within seconds.
@@ -85,10 +117,11 @@ class BreakerBoard:
                 socket.TCP_KEEPINTVL: c.REDIS_KEEPALIVE_INTERVAL_S,
                 socket.TCP_KEEPCNT: c.REDIS_KEEPALIVE_COUNT,
             },
-            # One quick retry survives a pooled connection that died with a Redis restart.
-            "retry": Retry(ExponentialWithJitterBackoff(cap=0.05, base=0.01), 1),
         }
-        options.update(redis_options or {})
+        # One quick retry survives a pooled connection that died with a Redis restart.
+        backoff = ExponentialWithJitterBackoff(cap=0.05, base=0.01)
+        options = {**common, "retry": Retry(backoff, 1), **(redis_options or {})}
+        self._async_options = {**common, "retry": AsyncRetry(backoff, 1), **(redis_options or {})}
         client: CountingRedis = CountingRedis.from_url(redis_url, **options)  # type: ignore[assignment]
         self._client = client
         self._scripts = Scripts(client)
@@ -150,6 +183,32 @@ class BreakerBoard:
             self._client, self._scripts, self.namespace, name, clock=self.clock
         )
 
+    def _async_storage(self, name: str, loop: asyncio.AbstractEventLoop) -> AsyncBreakerStorage:
+        """Breaker ``name``'s storage for coroutines on ``loop``: the same state as
+        :meth:`_storage`'s (in memory, the same object)."""
+        with self._lock:
+            if self._redis_url is None:
+                found = self._async_memory.get(name)
+                if found is None:
+                    memory = self._memory.setdefault(
+                        name, MemoryBreakerStorage(name, clock=self.clock)
+                    )
+                    found = self._async_memory[name] = AsyncMemoryBreakerStorage(memory)
+                return found
+            held = self._async_clients.get(loop)
+            if held is None:
+                client: CountingAsyncRedis = CountingAsyncRedis.from_url(  # type: ignore[assignment]
+                    self._redis_url, **self._async_options
+                )
+                client.tally = self._async_tally
+                held = self._async_clients[loop] = _LoopClient(client, AsyncScripts(client))
+            storage = held.storages.get(name)
+            if storage is None:
+                storage = held.storages[name] = AsyncRedisBreakerStorage(
+                    held.client, held.scripts, self.namespace, name, clock=self.clock
+                )
+            return storage
+
     def list(self) -> list[BreakerInfo]:
         """Every breaker known to the storage (in Redis: registered by any process), by name.
 
@@ -196,13 +255,26 @@ class BreakerBoard:
             self._emit(name, reply.changed_from, reply.snapshot.state, reply.snapshot.fail_count)
 
     def command_count(self) -> int:
-        """Redis commands this board has sent so far (0 in memory)."""
-        return self._client.commands if self._client is not None else 0
+        """Redis commands this board has sent so far, from threads and coroutines (0 in
+        memory)."""
+        sync = self._client.commands if self._client is not None else 0
+        return sync + self._async_tally.count
 
     def close(self) -> None:
-        """Release the Redis connections (the board can still be used; it reconnects)."""
+        """Release the Redis connections (the board can still be used; it reconnects).
+
+        The coroutines' clients are left to :meth:`aclose`, on their own loops.
+        """
         if self._client is not None:
             self._client.close()
+
+    async def aclose(self) -> None:
+        """Close the running event loop's Redis client (the next coroutine call on this
+        loop opens a new one)."""
+        with self._lock:
+            held = self._async_clients.pop(asyncio.get_running_loop(), None)
+        if held is not None:
+            await held.client.aclose()
 
     def _emit(
         self,

@@ -4,16 +4,28 @@ It holds what pybreaker users configure (``fail_max``, ``reset_timeout``, exclud
 exceptions, listeners, ``throw_new_error_on_trip``) and routes pybreaker's own entry
 points (``call``, the decorator, ``calling()``, ``open()``/``close()``) to the shared
 breaker's atomic path.
+
+Coroutines: pybreaker 1.4's decorator calls an ``async def`` like any function, so the
+coroutine it returns is counted a success at once and runs unguarded; its
+``call_async`` (and the decorator's ``__pybreaker_call_async=True``) run on Tornado,
+holding the breaker's lock across the call. Here the decorator on an ``async def``
+returns an ``async def`` (still a coroutine function to ``inspect``) guarded on the
+shared breaker's asyncio path, ``call_async`` returns such a coroutine, and
+``acalling()`` is ``calling()`` for ``async with``. An async generator function is
+refused (see :mod:`.guards`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pybreaker
 
+from orchestration.breakers.guards import ASYNC_GENERATOR_REFUSED
 from orchestration.breakers.model import STATE_CLOSED
 from orchestration.errors import ConfigurationError
 
@@ -88,8 +100,44 @@ class Circuit(pybreaker.CircuitBreaker):
         with self.shared._guarded_block(new_error_on_trip=self._throw_new_error_on_trip):
             yield
 
-    def call_async(self, func: Any, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("taskrail breakers guard synchronous calls only")
+    @contextlib.asynccontextmanager
+    async def acalling(self) -> Any:
+        async with self.shared._aguarded_block(new_error_on_trip=self._throw_new_error_on_trip):
+            yield
+
+    def call_async(self, func: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> Any:
+        """A coroutine that awaits ``func(*args, **kwargs)`` through the breaker (asyncio,
+        not pybreaker's Tornado)."""
+        return self.shared._aguarded(
+            func, args, kwargs, new_error_on_trip=self._throw_new_error_on_trip
+        )
+
+    def __call__(self, *call_args: Any, **call_kwargs: Any) -> Callable[..., Any]:
+        """pybreaker's decorator (``@circuit`` or ``@circuit()``); a coroutine function is
+        guarded on the asyncio path. ``__pybreaker_call_async`` is accepted and ignored:
+        the function's own kind decides."""
+        call_kwargs.pop("__pybreaker_call_async", None)
+        if call_kwargs:
+            raise TypeError(f"unexpected decorator options: {sorted(call_kwargs)}")
+
+        def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(func):
+                raise TypeError(ASYNC_GENERATOR_REFUSED.format(name=self.name))
+            if inspect.iscoroutinefunction(func):
+
+                @functools.wraps(func)
+                async def guarded_coroutine(*args: Any, **kwargs: Any) -> Any:
+                    return await self.call_async(func, *args, **kwargs)
+
+                return guarded_coroutine
+
+            @functools.wraps(func)
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                return self.call(func, *args, **kwargs)
+
+            return guarded
+
+        return decorate(*call_args) if call_args else decorate
 
     def open(self) -> bool:
         self.shared.force_open()

@@ -1,4 +1,5 @@
-"""A breaker's state in process memory: the embedded default, no servers."""
+"""A breaker's state in process memory: the embedded default, no servers (and the same
+state for coroutines: :class:`AsyncMemoryBreakerStorage`)."""
 
 from __future__ import annotations
 
@@ -158,3 +159,38 @@ class MemoryBreakerStorage(pybreaker.CircuitMemoryStorage):
                 else None,
                 trial_in_progress=self._lease_holder(now) is not None,
             )
+
+
+class AsyncMemoryBreakerStorage:
+    """:class:`MemoryBreakerStorage`'s operations as coroutines, on the same state.
+
+    Each is a short critical section in process memory, run in place: it never waits on
+    anything, so it does not block the event loop.
+    """
+
+    def __init__(self, memory: MemoryBreakerStorage) -> None:
+        self.memory = memory
+
+    async def read(self, *, register: bool = False, fail_max: int = 0, reset_ms: int = 0) -> Reply:
+        return self.memory.read(register=register, fail_max=fail_max, reset_ms=reset_ms)
+
+    async def record_failure(self, epoch: int, fail_max: int, reset_ms: int) -> Reply:
+        return self.memory.record_failure(epoch, fail_max, reset_ms)
+
+    async def record_success(self, epoch: int) -> Reply:
+        return self.memory.record_success(epoch)
+
+    async def acquire_trial(self, token: str, lease_ms: int) -> Reply:
+        return self.memory.acquire_trial(token, lease_ms)
+
+    async def finish_trial(self, token: str, ok: bool, reset_ms: int) -> Reply:
+        return self.memory.finish_trial(token, ok, reset_ms)
+
+    async def abandon_trial(self, token: str) -> Reply:
+        return self.memory.abandon_trial(token)
+
+    async def reset(self, *, known_only: bool = False) -> Reply:
+        return self.memory.reset(known_only=known_only)
+
+    async def force_open(self, reset_ms: int) -> Reply:
+        return self.memory.force_open(reset_ms)

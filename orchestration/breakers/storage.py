@@ -1,4 +1,5 @@
-"""Where a breaker's state lives: Redis, shared by every process (memory: :mod:`.memory`).
+"""Where a breaker's state lives: Redis, shared by every process (memory: :mod:`.memory`;
+the same operations awaited, for coroutines: :mod:`.async_storage`).
 
 Both storages subclass pybreaker's own (:class:`pybreaker.CircuitRedisStorage`,
 :class:`pybreaker.CircuitMemoryStorage`). :class:`SharedBreaker` drives them only
@@ -57,6 +58,22 @@ class BreakerStorage(Protocol):
     def force_open(self, reset_ms: int) -> Reply: ...
 
 
+class AsyncBreakerStorage(Protocol):
+    """:class:`BreakerStorage`'s operations as coroutines (``redis.asyncio``), for the
+    coroutine call path. The same scripts, keys and replies."""
+
+    async def read(
+        self, *, register: bool = False, fail_max: int = 0, reset_ms: int = 0
+    ) -> Reply: ...
+    async def record_failure(self, epoch: int, fail_max: int, reset_ms: int) -> Reply: ...
+    async def record_success(self, epoch: int) -> Reply: ...
+    async def acquire_trial(self, token: str, lease_ms: int) -> Reply: ...
+    async def finish_trial(self, token: str, ok: bool, reset_ms: int) -> Reply: ...
+    async def abandon_trial(self, token: str) -> Reply: ...
+    async def reset(self, *, known_only: bool = False) -> Reply: ...
+    async def force_open(self, reset_ms: int) -> Reply: ...
+
+
 def breaker_keys(namespace: str, name: str) -> tuple[str, str, str]:
     """The state hash, the registry set and the trial-lease key of breaker ``name``."""
     return (
@@ -74,6 +91,13 @@ def _text(value: Any) -> str:
 def _int_or_none(value: Any) -> int | None:
     text = "" if value is None else _text(value)
     return int(text) if text else None
+
+
+def script_argv(name: str, clock: Callable[[], float] | None, *args: Any) -> list[str]:
+    """A script's ARGV (see :mod:`.lua`): the breaker's name, the time (empty: the script
+    reads Redis's ``TIME``; else milliseconds from ``clock``) and the operation's own."""
+    now = "" if clock is None else str(int(clock() * 1000))
+    return [name, now, *(str(a) for a in args)]
 
 
 def parse_reply(raw: Sequence[Any], read_mono: float) -> Reply:
@@ -172,8 +196,7 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
         return None
 
     def _run(self, script: Script, *args: Any) -> Reply:
-        now = "" if self._clock is None else str(int(self._clock() * 1000))
-        argv = [self.breaker_name, now, *(str(a) for a in args)]
+        argv = script_argv(self.breaker_name, self._clock, *args)
         return parse_reply(script(keys=self._keys, args=argv, client=self._redis), self._mono())
 
     def read(self, *, register: bool = False, fail_max: int = 0, reset_ms: int = 0) -> Reply:
