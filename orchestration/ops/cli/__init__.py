@@ -5,7 +5,7 @@ Errors print one line on stderr (never a traceback, never a password) and exit
 non-zero: 2 for bad input, 1 for a server that cannot be reached.
 
 The app and its shared parts are in :mod:`.app`; the commands, by concern, in
-:mod:`.tasks`, :mod:`.operations` and :mod:`.deadletters`.
+:mod:`.tasks`, :mod:`.people`, :mod:`.operations` and :mod:`.deadletters`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from orchestration.redact import redact_text
 # The commands register on import, in the order the help lists them.
 # isort: off
 from orchestration.ops.cli import tasks  # noqa: F401
+from orchestration.ops.cli import people  # noqa: F401
 from orchestration.ops.cli import operations  # noqa: F401
 from orchestration.ops.cli import deadletters  # noqa: F401
 from orchestration.ops.cli import web  # noqa: F401

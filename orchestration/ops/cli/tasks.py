@@ -1,4 +1,5 @@
-"""Task commands: ``submit``, ``show``, ``status``, ``retry``."""
+"""Task commands: ``submit``, ``show``, ``status`` (``list``, ``retry`` and the people's
+moves are in :mod:`.people`)."""
 
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def show(
         t.add_row(literal(name, "bold"), literal(value, style))
     out.print(t)
     h = Table(title=f"history of task {task_id}")
-    for col in ("at", "event", "from", "to", "agent", "worker", "detail"):
+    for col in ("at", "event", "from", "to", "actor", "agent", "worker", "detail", "note"):
         h.add_column(col, overflow="fold")
     for e in history:
         h.add_row(
@@ -85,9 +86,11 @@ def show(
                     e.event,
                     e.from_status.value,
                     e.to_status.value,
+                    e.actor,
                     e.agent,
                     e.worker,
                     e.detail,
+                    e.note,
                 )
             )
         )
@@ -190,21 +193,3 @@ def _not_moving_lines(doc: dict[str, Any], redrive_after_s: float) -> list[str]:
         late = "; late: is `celery -A workers beat` running?"
         lines.append(f"[red]{ran}{late}[/]" if sweeper["late"] else ran)
     return lines
-
-
-@app.command()
-@command
-def retry(
-    ctx: typer.Context,
-    task_text: Annotated[str, typer.Argument(metavar="TASK_ID", help="Id of a failed task.")],
-    as_json: JsonFlag = False,
-) -> None:
-    """Send a failed task back to pending."""
-    task_id = parse_number(task_text, "task id")
-    current_client(ctx).retry(task_id)
-    if as_json:
-        print_json({"id": task_id, "status": "pending"})
-    else:
-        out.print(f"task {task_id} is pending again", markup=False, highlight=False)
-
-
