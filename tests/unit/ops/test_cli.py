@@ -323,6 +323,7 @@ def test_status_json_counts_every_state(runs: dict[str, Run]) -> None:
         "completed": 1,
         "failed": 1,
         "escalated": 0,
+        "cancelled": 0,
     }
     assert doc["total"] == 4
 
