@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -74,6 +74,7 @@ from orchestration.values import (
     check_task_type,
     encode_payload,
     encode_result,
+    escape_text,
 )
 
 log = get_logger("taskrail.api")
@@ -164,6 +165,7 @@ def _at_item(err: InputError, index: int) -> InputError:
 
 _API_WORKER = "api"  # the audit rows' worker for a person's moves
 _MOVE_TRIES = 5
+_CANCELLED = "cancelled"  # a cancel's reason when none is given
 _BULK_EVENTS = ("retry", "cancel")
 # What each person's event needs, said in a WrongState error.
 _ALLOWED = {
@@ -188,7 +190,25 @@ def _allowed_from(event: str, status: TaskStatus) -> bool:
 def _wrong_state(task_id: int, status: TaskStatus, event: str) -> WrongState:
     if event == "retry":
         return NotRetryable(task_id, status)
-    return WrongState(task_id, status, _ALLOWED[event])
+    return WrongState(task_id, status, _ALLOWED[event], event)
+
+
+@dataclass(frozen=True, slots=True)
+class _Shape:
+    """What a person's move writes and checks besides its event's own effects, worked
+    out from the task as read (raw columns: :attr:`Move.extra_columns`, ``extra_guard``)."""
+
+    columns: Mapping[str, Any] = field(default_factory=dict)
+    guard: Mapping[str, Any] = field(default_factory=dict)
+
+
+_PLAIN = _Shape()
+
+
+def _cancel_reason(reason: Any) -> str:
+    """A cancel's reason: "cancelled" when none is given. Raises InvalidField."""
+    why = check_text(reason, "reason", max_chars=c.MAX_REASON_CHARS, blank=False)
+    return _CANCELLED if why is None else why
 
 
 def _check_task_id(task_id: Any) -> int:
@@ -296,76 +316,53 @@ class Taskrail:
         ``by`` is who asks (default: the OS user); ``note`` goes to the audit event.
         Raises TaskNotFound, NotRetryable (the task is not failed), InvalidField.
         """
-        result = self._move(task_id, "retry", by=by, note=note, returning=("task_type",))
-        self._enqueue_first_hops([(result.task_id, result.row["task_type"])])
+        moved = self._move(task_id, "retry", by=by, note=note, returning=("task_type",))
+        self._enqueue_first_hops([(moved.task_id, moved.row["task_type"])])
 
     # -- a person's moves ---------------------------------------------------------
 
     def claim(self, task_id: int, *, by: str | None = None, note: str | None = None) -> None:
         """Take an escalated task: it shows as claimed by ``by`` (default: the OS user).
 
-        Claiming a task one holds already does nothing. Raises TaskNotFound, WrongState
-        (not escalated), AlreadyClaimed (by someone else), InvalidField.
+        Claiming a task one holds already does nothing (and writes nothing). Raises
+        TaskNotFound, WrongState (not escalated), AlreadyClaimed (by someone else),
+        InvalidField.
         """
-        actor = check_actor(by)
-        task_id = _check_task_id(task_id)
-        note = check_text(note, "note")
-        result = self._store().apply(
-            Move(task_id, "claim", actor=actor, note=note, extra_guard={"claimed_by": None})
-        )
-        if result.applied:
-            return
-        task = self._stored(task_id, result)
-        if task.status is not TaskStatus.ESCALATED:
-            raise WrongState(task_id, task.status, _ALLOWED["claim"])
-        if task.claimed_by == actor:
-            return
-        if task.claimed_by is not None:
-            raise AlreadyClaimed(task_id, task.claimed_by)
-        raise WriteConflict(self.db.where, 1, f"task {task_id} changed while it was claimed")
+
+        def shape(task: TaskRecord, actor: str) -> _Shape | None:
+            if task.claimed_by == actor:
+                return None
+            if task.claimed_by is not None:
+                raise AlreadyClaimed(task.id, task.claimed_by)
+            return _Shape(guard={"claimed_by": None})
+
+        self._move(task_id, "claim", by=by, note=note, shape=shape)
 
     def unclaim(self, task_id: int, *, by: str | None = None, note: str | None = None) -> None:
         """Give a claimed escalated task back to the inbox (anyone may; the audit says who).
 
-        Raises TaskNotFound, WrongState, NotClaimed, InvalidField.
+        Raises TaskNotFound, WrongState (not escalated), NotClaimed, InvalidField.
         """
-        actor = check_actor(by)
-        task_id = _check_task_id(task_id)
-        note = check_text(note, "note")
-        task = self.get(task_id)
-        if task.status is not TaskStatus.ESCALATED:
-            raise WrongState(task_id, task.status, _ALLOWED["unclaim"])
-        if task.claimed_by is None:
-            raise NotClaimed(task_id)
-        result = self._store().apply(
-            Move(
-                task_id,
-                "unclaim",
-                expected=TaskStatus.ESCALATED,
-                actor=actor,
-                note=note,
-                extra_guard={"claimed_by": task.claimed_by},
-            )
-        )
-        if not result.applied:
-            task = self._stored(task_id, result)
-            if task.status is not TaskStatus.ESCALATED:
-                raise WrongState(task_id, task.status, _ALLOWED["unclaim"])
+
+        def shape(task: TaskRecord, actor: str) -> _Shape:
             if task.claimed_by is None:
-                raise NotClaimed(task_id)
-            raise WriteConflict(self.db.where, 1, f"task {task_id} changed while it was unclaimed")
+                raise NotClaimed(task.id)
+            # The claim taken away is the one read (stored escaped, like all free text).
+            return _Shape(guard={"claimed_by": escape_text(task.claimed_by)})
+
+        self._move(task_id, "unclaim", by=by, note=note, shape=shape)
 
     def resolve(
         self, task_id: int, result: Any, *, by: str | None = None, note: str | None = None
     ) -> None:
         """Close an escalated task with the person's ``result`` (a JSON object):
-        escalated -> completed. Raises TaskNotFound, WrongState, ResultRejected,
-        InvalidField."""
+        escalated -> completed. Raises TaskNotFound, WrongState, ResultRejected (not an
+        object, or not storable: the reason says why), InvalidField."""
         if not isinstance(result, Mapping):
             raise ResultRejected(
                 f"a resolution's result must be a JSON object, got {type(result).__name__}"
             )
-        stored = encode_result(dict(result))
+        stored = encode_result(result)
         self._move(task_id, "resolve", by=by, note=note, result=stored)
 
     def reopen(
@@ -377,38 +374,36 @@ class Taskrail:
         note: str | None = None,
     ) -> None:
         """Hand an escalated task back to the agents: escalated -> pending, attempts from
-        zero, the claim cleared. ``payload``'s fields are merged into the task's payload
-        (the missing document). Raises TaskNotFound, WrongState, InvalidPayload,
+        zero, no agent, the claim cleared, and its first hop sent. ``payload``'s fields
+        are merged into the task's payload (the missing document); the merged payload
+        must pass the payload's limits. Raises TaskNotFound, WrongState, InvalidPayload,
         InvalidField."""
-        if payload is not None and not isinstance(payload, Mapping):
-            raise InvalidPayload(f"must be a JSON object, got {type(payload).__name__}")
-        extra: dict[str, Any] = {}
-        guard: dict[str, Any] = {}
-        if payload:
-            task = self.get(task_id)
-            if task.status is not TaskStatus.ESCALATED:
-                raise WrongState(task.id, task.status, _ALLOWED["reopen"])
-            merged = {**task.payload, **payload}
-            extra["payload"] = merged  # checked and encoded before the write
+        if payload is not None:
+            if not isinstance(payload, Mapping):
+                raise InvalidPayload(f"must be a JSON object, got {type(payload).__name__}")
+            encode_payload(payload)  # its own fields must be storable, whatever the task
+
+        def shape(task: TaskRecord, actor: str) -> _Shape:
+            if not payload:
+                return _PLAIN
             # The payload written is built from the one read: the move applies only to
-            # the task as it was read (no other reopen came in between).
-            guard["updated_at"] = task.updated_at
-        result = self._move(
-            task_id,
-            "reopen",
-            by=by,
-            note=note,
-            returning=("task_type",),
-            extra_columns=extra,
-            extra_guard=guard,
+            # the task as it was read (a reopen and a new escalation meanwhile would
+            # change updated_at); otherwise it is read and merged again.
+            return _Shape(
+                columns={"payload": {**task.payload, **payload}},
+                guard={"updated_at": task.updated_at},
+            )
+
+        moved = self._move(
+            task_id, "reopen", by=by, note=note, returning=("task_type",), shape=shape
         )
-        self._enqueue_first_hops([(result.task_id, result.row["task_type"])])
+        self._enqueue_first_hops([(moved.task_id, moved.row["task_type"])])
 
     def reject(
         self, task_id: int, reason: str, *, by: str | None = None, note: str | None = None
     ) -> None:
-        """Close an escalated task as failed, with ``reason``: escalated -> failed.
-        Raises TaskNotFound, WrongState, InvalidField."""
+        """Close an escalated task as failed, with ``reason`` (required, not blank):
+        escalated -> failed. Raises TaskNotFound, WrongState, InvalidField."""
         why = check_text(reason, "reason", max_chars=c.MAX_REASON_CHARS, required=True)
         self._move(task_id, "reject", by=by, note=note, reason=why)
 
@@ -421,11 +416,10 @@ class Taskrail:
         note: str | None = None,
     ) -> None:
         """Cancel a task that is pending, assigned or in progress: it becomes
-        ``cancelled`` (final). A running handler's lease is released at once; the
-        handler is told and its late result discarded. Raises TaskNotFound, WrongState,
-        InvalidField."""
-        reason = check_text(reason, "reason", max_chars=c.MAX_REASON_CHARS)
-        self._move(task_id, "cancel", by=by, note=note, reason=reason or "cancelled")
+        ``cancelled`` (final), with ``reason`` (default "cancelled") as its last error.
+        A running handler's lease is released at once; the handler is told and its late
+        result discarded. Raises TaskNotFound, WrongState, InvalidField."""
+        self._move(task_id, "cancel", by=by, note=note, reason=_cancel_reason(reason))
 
     def _move(
         self,
@@ -437,54 +431,51 @@ class Taskrail:
         reason: str | None = None,
         result: Any = None,
         returning: tuple[str, ...] = (),
-        extra_columns: Mapping[str, Any] | None = None,
-        extra_guard: Mapping[str, Any] | None = None,
+        shape: Callable[[TaskRecord, str], _Shape | None] | None = None,
     ) -> TransitionResult:
-        """A person's ``event`` on one task, from whatever state it is in now.
+        """A person's ``event`` on one task, from the state it is in now.
 
-        A task that moves between the read and the write (a hop ran) is read again and
-        tried again, a few times. Raises TaskNotFound, WrongState, InvalidField.
+        The task is read; the event must be allowed from its status (else WrongState
+        naming that status; NotRetryable for a retry). ``shape(task, actor)`` may
+        refuse the move (raise), find nothing to do (None: nothing is written) or add
+        columns to write and to check. The write is a compare-and-set on the status
+        read and the shape's checks: a task that changed in between (a hop ran, another
+        person was first) is read and checked again, up to _MOVE_TRIES times in all
+        (then WriteConflict). Returns the transition (not applied when there was
+        nothing to do). Raises TaskNotFound, WrongState, InvalidField, what ``shape``
+        raises, and ResultRejected / InvalidPayload for values that cannot be stored.
         """
         actor = check_actor(by)
         task_id = _check_task_id(task_id)
         note = check_text(note, "note")
         store = self._store()
         for _ in range(_MOVE_TRIES):
-            try:
-                applied = store.apply(
-                    Move(
-                        task_id,
-                        event,
-                        actor=actor,
-                        note=note,
-                        reason=reason,
-                        result=result,
-                        returning=returning,
-                        extra_columns=extra_columns or {},
-                        extra_guard=extra_guard or {},
-                    )
+            task = self.get(task_id)
+            if not _allowed_from(event, task.status):
+                raise _wrong_state(task_id, task.status, event)
+            extra = _PLAIN if shape is None else shape(task, actor)
+            if extra is None:
+                return TransitionResult(Outcome.STALE, task_id, event, task.status, task.status)
+            moved = store.apply(
+                Move(
+                    task_id,
+                    event,
+                    expected=task.status,
+                    actor=actor,
+                    note=note,
+                    reason=reason,
+                    result=result,
+                    returning=returning,
+                    extra_columns=extra.columns,
+                    extra_guard=extra.guard,
                 )
-            except TransitionNotAllowed:
-                task = self.get(task_id)
-                raise _wrong_state(task_id, task.status, event) from None
-            if applied.applied:
-                return applied
-            if applied.outcome is Outcome.NOT_FOUND:
-                raise TaskNotFound(task_id)
-            if extra_guard:
-                task = self.get(task_id)
-                if not _allowed_from(event, task.status):
-                    raise _wrong_state(task_id, task.status, event)
-                raise WriteConflict(self.db.where, 1, f"task {task_id} changed meanwhile")
-        raise WriteConflict(self.db.where, _MOVE_TRIES, f"task {task_id} kept moving")
+            )
+            if moved.applied:
+                return moved
+        raise WriteConflict(self.db.where, _MOVE_TRIES, f"task {task_id} kept changing")
 
     def _store(self) -> TransitionStore:
         return TransitionStore(self.db, worker=_API_WORKER)
-
-    def _stored(self, task_id: int, result: TransitionResult) -> TaskRecord:
-        if result.outcome is Outcome.NOT_FOUND:
-            raise TaskNotFound(task_id)
-        return self.get(task_id)
 
     # -- many tasks at once --------------------------------------------------------
 
@@ -587,40 +578,47 @@ class Taskrail:
         The filter must name statuses, each one the event may leave (else
         InvalidFilter, nothing done). A dry run counts and shows the first ids and
         changes nothing. A real run walks the matching tasks newest first in batches of
-        ``batch``, each batch one statement that moves (and audits, one event per task)
-        the tasks still in a status the filter names; a task that moved on meanwhile is
-        skipped and counted. Retried tasks are sent to the workers batch by batch.
-        ``progress(done, total)`` is called after each batch.
+        ``batch``; each batch is one statement on PostgreSQL that moves (and audits, one
+        event per task, from the status it was in) the tasks still in a status the
+        filter names; a task that moved on meanwhile is skipped and counted. Retried
+        tasks are sent to the workers batch by batch. ``progress(done, total)`` is called
+        after each batch. ``reason`` is each audit event's detail (a cancel's default:
+        "cancelled"). Raises InvalidFilter, InvalidField.
         """
         if event not in _BULK_EVENTS:
-            raise InvalidFilter("event", f"bulk moves are {', '.join(_BULK_EVENTS)}, not {event!r}")
+            raise InvalidFilter(
+                "event", f"bulk moves are {', '.join(_BULK_EVENTS)}, not {short_repr(event)}"
+            )
         actor = check_actor(by)
         note = check_text(note, "note")
         if event == "cancel":
-            reason = check_text(reason, "reason", max_chars=c.MAX_REASON_CHARS) or "cancelled"
+            reason = _cancel_reason(reason)
+        else:
+            reason = check_text(reason, "reason", max_chars=c.MAX_REASON_CHARS, blank=False)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise InvalidFilter("batch", f"expected a positive integer, got {short_repr(batch)}")
+        if not isinstance(flt, TaskFilter):
+            raise InvalidFilter("filter", f"expected a TaskFilter, got {type(flt).__name__}")
         if not flt.statuses:
             raise InvalidFilter("status", f"name the statuses to {event} (--status)")
         for status in flt.statuses:
             if not _allowed_from(event, status):
-                raise InvalidFilter("status", f"{event} is not allowed from {status.value}")
+                raise InvalidFilter("status", f"{_ALLOWED[event]}, not {status.value} ones")
         total = listing.count_tasks(self.db, flt)
         if dry_run:
-            first = listing.list_tasks(self.db, flt, c.BULK_SHOWN_IDS)
-            return BulkResult(event, total, 0, 0, tuple(t.id for t in first), dry_run=True)
+            first = next(listing.page_ids(self.db, flt, c.BULK_SHOWN_IDS), [])
+            return BulkResult(event, total, 0, 0, tuple(first), dry_run=True)
         store = self._store()
         move = Move(0, event, actor=actor, note=note, reason=reason, returning=("task_type",))
         matched = moved = 0
         first_ids: list[int] = []
         for ids in listing.page_ids(self.db, flt, batch):
             matched += len(ids)
-            done: list[TransitionResult] = []
-            for status in flt.statuses:
-                done += store.apply_many(move, ids, status)
+            done = store.apply_many(move, ids, flt.statuses)
             moved += len(done)
             if len(first_ids) < c.BULK_SHOWN_IDS:
-                first_ids += sorted((r.task_id for r in done), reverse=True)[
-                    : c.BULK_SHOWN_IDS - len(first_ids)
-                ]
+                newest = sorted((r.task_id for r in done), reverse=True)
+                first_ids += newest[: c.BULK_SHOWN_IDS - len(first_ids)]
             if event == "retry":
                 self._enqueue_first_hops([(r.task_id, r.row["task_type"]) for r in done])
             if progress is not None:

@@ -9,10 +9,15 @@
     │   ├── InvalidPayload         payload is not a JSON object / not JSON-serialisable
     │   │   └── InvalidIdempotencyKey  not a string of 1-255 characters taskrail can store
     │   ├── InvalidTaskItem        an item of submit_many that is not a task (names its index)
-    │   ├── ResultRejected         a handler's result taskrail cannot store (the reason says why)
+    │   ├── ResultRejected         a result taskrail cannot store (a handler's or a person's)
     │   ├── InvalidClientId        client id missing, not an integer, or outside 0 .. 2**63-1
     │   ├── TaskNotFound           no task with that id
-    │   ├── NotRetryable           retry of a task that is not failed
+    │   ├── WrongState             a person's move from a state that does not allow it
+    │   │   └── NotRetryable       retry of a task that is not failed
+    │   ├── AlreadyClaimed         claim of an escalation someone else holds (names them)
+    │   ├── NotClaimed             unclaim of an escalation no one holds
+    │   ├── InvalidFilter          a filter of ``list`` or a bulk move that cannot be used
+    │   ├── InvalidField           who (``by``), a note or a reason that cannot be stored
     │   ├── NotAHop                bytes on a taskrail queue that are not a valid hop
     │   ├── MalformedMessage       a hop's arguments do not parse (dropped, never retried)
     │   ├── InvalidNumber          an id typed at the CLI: not ASCII digits in 0..2**63-1
@@ -138,17 +143,19 @@ class TaskNotFound(InputError, LookupError):
 
 
 class WrongState(InputError):
-    """A person's move on a task in a state that does not allow it."""
+    """A person's move (``event``) on a task in a state (``status``) that does not allow
+    it; ``allowed`` says which states do."""
 
-    def __init__(self, task_id: int, status: str, allowed: str) -> None:
+    def __init__(self, task_id: int, status: str, allowed: str, event: str | None = None) -> None:
         self.task_id = task_id
         self.status = str(status)
+        self.event = event
         super().__init__(f"task {task_id} is {self.status}; {allowed}")
 
 
 class NotRetryable(WrongState):
     def __init__(self, task_id: int, status: str) -> None:
-        super().__init__(task_id, status, "only failed tasks can be retried")
+        super().__init__(task_id, status, "only failed tasks can be retried", "retry")
 
 
 class AlreadyClaimed(InputError):

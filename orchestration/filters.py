@@ -34,8 +34,16 @@ __all__ = [
 ]
 
 _MAX_ID = 2**63 - 1
-_DURATION = re.compile(r"(\d{1,9})\s*([smhdw])")
+# A duration back from now: ASCII digits and a unit, one or more (``1h30m``), spaces
+# between them allowed (``1h 30m``).
+_DURATION_PART = re.compile(r"([0-9]{1,9})([smhdw])")
+_DURATIONS = re.compile(r"(?:[0-9]{1,9}[smhdw])+")
+_SPACES = re.compile(r"\s+")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_SINCE_FORMS = "a duration (1h, 30m, 2d, 1h30m) or an ISO time"
+# What no stored name holds: NUL and surrogates (task types and agent names are
+# refused with them; actors must be printable).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def parse_statuses(statuses: str | Iterable[Any] | None) -> tuple[TaskStatus, ...]:
@@ -68,36 +76,39 @@ def parse_statuses(statuses: str | Iterable[Any] | None) -> tuple[TaskStatus, ..
 def parse_since(
     since: str | datetime | timedelta | None, *, now: datetime | None = None
 ) -> datetime | None:
-    """``since`` as a UTC time: an aware datetime, a timedelta back from now, a duration
-    (``90s``, ``30m``, ``1h``, ``2d``, ``1w``, or combined: ``1h30m``) or an ISO 8601
-    time (naive is UTC). Raises InvalidFilter."""
+    """``since`` as a UTC time: an aware datetime (naive is UTC), a timedelta back from
+    now, a duration back from now (``90s``, ``30m``, ``1h``, ``2d``, ``1w``, or combined:
+    ``1h30m``, ``1h 30m``) or an ISO 8601 time (naive is UTC). Raises InvalidFilter."""
     if since is None:
         return None
     now = now or datetime.now(UTC)
-    if isinstance(since, timedelta):
-        if since < timedelta(0):
-            raise InvalidFilter("since", "a duration back from now cannot be negative")
-        return now - since
-    if isinstance(since, datetime):
-        return since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC)
-    if not isinstance(since, str) or not since.strip():
-        raise InvalidFilter(
-            "since", f"expected a duration (1h, 30m, 2d) or an ISO time, got {short_repr(since)}"
-        )
-    text = since.strip().lower()
-    if _DURATION.fullmatch(text.replace(" ", "")) or re.fullmatch(r"(?:\d{1,9}[smhdw])+", text):
-        total = sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION.findall(text))
-        try:
-            return now - timedelta(seconds=total)
-        except OverflowError:
-            raise InvalidFilter("since", f"{since!r} is too far back") from None
     try:
-        at = datetime.fromisoformat(since.strip())
-    except ValueError:
-        raise InvalidFilter(
-            "since", f"expected a duration (1h, 30m, 2d) or an ISO time, got {short_repr(since)}"
-        ) from None
-    return at.astimezone(UTC) if at.tzinfo else at.replace(tzinfo=UTC)
+        if isinstance(since, timedelta):
+            if since < timedelta(0):
+                raise InvalidFilter("since", "a duration back from now cannot be negative")
+            return now - since
+        if isinstance(since, datetime):
+            return _utc(since)
+        if not isinstance(since, str) or not since.strip():
+            raise InvalidFilter("since", f"expected {_SINCE_FORMS}, got {short_repr(since)}")
+        compact = _SPACES.sub("", since).lower()
+        if _DURATIONS.fullmatch(compact):
+            total = sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(compact))
+            return now - timedelta(seconds=total)
+        try:
+            at = datetime.fromisoformat(since.strip())
+        except ValueError:
+            raise InvalidFilter(
+                "since", f"expected {_SINCE_FORMS}, got {short_repr(since)}"
+            ) from None
+        return _utc(at)
+    except OverflowError:
+        raise InvalidFilter("since", f"{short_repr(since)} is out of range") from None
+
+
+def _utc(at: datetime) -> datetime:
+    """``at`` in UTC (naive: taken as UTC). Raises OverflowError at the calendar's ends."""
+    return at.astimezone(UTC) if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def check_limit(limit: Any, *, maximum: int = c.MAX_LIST_LIMIT) -> int:
@@ -124,25 +135,36 @@ def _check_name(value: Any, name: str, max_chars: int) -> str | None:
         raise InvalidFilter(
             name, f"expected a string of 1 to {max_chars} characters, got {short_repr(value)}"
         )
-    return value
+    if _UNSTORABLE.search(value):
+        raise InvalidFilter(
+            name, f"no task has NUL or surrogate characters in it: {short_repr(value)}"
+        )
+    return str(value)
 
 
 def check_text(
-    value: Any, name: str, *, max_chars: int = c.MAX_NOTE_CHARS, required: bool = False
+    value: Any,
+    name: str,
+    *,
+    max_chars: int = c.MAX_NOTE_CHARS,
+    required: bool = False,
+    blank: bool = True,
 ) -> str | None:
     """A note or a reason: None (unless ``required``) or a string of at most ``max_chars``
-    characters (any characters: they are stored escaped). Raises InvalidField."""
+    characters (any characters: they are stored escaped, and read back as given).
+    ``required`` or not ``blank``: a given text must not be empty or only white space.
+    Raises InvalidField."""
     if value is None:
         if required:
             raise InvalidField(name, "required")
         return None
     if not isinstance(value, str):
         raise InvalidField(name, f"expected text, got {type(value).__name__}")
-    if required and not value.strip():
+    if (required or not blank) and not value.strip():
         raise InvalidField(name, "must not be empty")
     if len(value) > max_chars:
         raise InvalidField(name, f"longer than {max_chars} characters ({len(value)})")
-    return value
+    return str(value)
 
 
 def default_actor() -> str:
@@ -154,20 +176,22 @@ def default_actor() -> str:
 
 
 def check_actor(by: Any) -> str:
-    """Who makes a move: a non-empty name of printable characters, at most
-    MAX_ACTOR_CHARS long; None is the OS user. Raises InvalidField."""
+    """Who makes a move, as given: a non-empty name of printable characters, at most
+    MAX_ACTOR_CHARS long, without spaces around it; None is the OS user. Raises
+    InvalidField."""
     if by is None:
         return default_actor()
     if not isinstance(by, str):
         raise InvalidField("by", f"expected a name, got {type(by).__name__}")
-    name = by.strip()
-    if not name:
+    if not by.strip():
         raise InvalidField("by", "must not be empty")
-    if len(name) > c.MAX_ACTOR_CHARS:
-        raise InvalidField("by", f"longer than {c.MAX_ACTOR_CHARS} characters")
-    if not name.isprintable():
-        raise InvalidField("by", f"must be printable: {short_repr(name)}")
-    return name
+    if len(by) > c.MAX_ACTOR_CHARS:
+        raise InvalidField("by", f"longer than {c.MAX_ACTOR_CHARS} characters ({len(by)})")
+    if not by.isprintable():
+        raise InvalidField("by", f"must be printable characters only: {short_repr(by)}")
+    if by != by.strip():
+        raise InvalidField("by", f"must not start or end with a space: {short_repr(by)}")
+    return str(by)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@
     complete  completed_at <- now, result <- result  the run's lease and deferral
     fail      last_error <- reason                   the run's lease and deferral
     escalate  last_error <- reason                   the run's lease and deferral
-    retry     attempts <- 0                          assigned_agent, completed_at
+    retry     attempts <- 0                          assigned_agent, completed_at,
+                                                     the claim
     resolve   completed_at <- now, result <- result
     reopen    attempts <- 0                          assigned_agent, completed_at,
                                                      the claim
@@ -18,8 +19,10 @@
     unclaim                                          the claim
     cancel    last_error <- reason                   the run's lease and deferral
 
-"The claim" is :data:`CLAIM_COLUMNS`. A person's move names its ``actor``; every move
-may carry a ``note``; both go to the audit row only (claim also sets ``claimed_by``).
+"The claim" is :data:`CLAIM_COLUMNS`: a task sent back to the agents (retry, reopen)
+is no longer anyone's; resolve and reject keep it on record. A person's move names its
+``actor``; every move may carry a ``note``; both go to the audit row only (claim also
+sets ``claimed_by``).
 
 "The run's lease and deferral" is :data:`RUN_COLUMNS`. A set whose input the
 :class:`Move` leaves None is not written. Every move also writes ``status`` and
@@ -95,7 +98,7 @@ class Effects:
 
 # A run's lease and its breaker deferral: a move that ends the run clears them.
 RUN_COLUMNS = ("lease_owner", "lease_expires_at", "not_before", "deferred_since")
-# Who handles an escalation: reopening the task hands it back to the agents.
+# Who handles an escalation: a retry or a reopen hands the task back to the agents.
 CLAIM_COLUMNS = ("claimed_by", "claimed_at")
 
 EFFECTS: Mapping[str, Effects] = {
@@ -109,7 +112,9 @@ EFFECTS: Mapping[str, Effects] = {
     ),
     "fail": Effects(sets={"last_error": Input.REASON}, clears=RUN_COLUMNS),
     "escalate": Effects(sets={"last_error": Input.REASON}, clears=RUN_COLUMNS),
-    "retry": Effects(sets={"attempts": 0}, clears=("assigned_agent", "completed_at")),
+    "retry": Effects(
+        sets={"attempts": 0}, clears=("assigned_agent", "completed_at", *CLAIM_COLUMNS)
+    ),
     "resolve": Effects(sets={"completed_at": Input.NOW, "result": Input.RESULT}),
     "reopen": Effects(
         sets={"attempts": 0}, clears=("assigned_agent", "completed_at", *CLAIM_COLUMNS)

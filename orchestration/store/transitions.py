@@ -115,26 +115,39 @@ class TransitionStore:
         return result
 
     def apply_many(
-        self, move: Move, task_ids: Sequence[int], from_status: TaskStatus
+        self,
+        move: Move,
+        task_ids: Sequence[int],
+        from_status: TaskStatus | Iterable[TaskStatus],
     ) -> list[TransitionResult]:
         """Apply ``move``'s event to every task of ``task_ids`` that is in ``from_status``
-        (and passes the move's guards); the others are left as they are.
+        (one status, or several the event leads from to one place) and passes the
+        move's guards; the others are left as they are.
 
-        One statement on PostgreSQL; each moved task gets its own audit row, and the
-        listeners hear of each. ``move.task_id`` is ignored. Returns the applied
-        transitions. Raises TransitionNotAllowed (nothing written).
+        One statement on PostgreSQL; each moved task gets its own audit row naming the
+        status it left, and the listeners hear of each. ``move.task_id`` is ignored.
+        Returns the applied transitions. Raises TransitionNotAllowed (nothing written)
+        when the event may not leave one of the statuses.
         """
+        statuses = (
+            (from_status,)
+            if isinstance(from_status, TaskStatus)
+            else tuple(dict.fromkeys(from_status))
+        )
+        if not statuses:
+            return []
         write = _Write.of(move, self.worker)
         apply = _apply_many_postgres if self.db.is_postgres else _apply_many_sqlalchemy
-        to_status, rows = apply(self.db, write, list(task_ids), from_status)
+        to_status, rows = apply(self.db, write, list(task_ids), statuses)
         results = []
         for row in rows:
+            left = row.pop("from_status")
             agent = write.event_agent() or row.get("assigned_agent")
             result = TransitionResult(
                 Outcome.APPLIED,
                 int(row["id"]),
                 move.event,
-                from_status,
+                left,
                 to_status,
                 row,
                 agent,

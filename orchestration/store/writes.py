@@ -20,6 +20,7 @@ from sqlalchemy import Executable, bindparam, select, text
 from statemachine.event import Event
 from statemachine.exceptions import TransitionNotAllowed
 
+from orchestration.constants import MAX_NOTE_CHARS
 from orchestration.models import TaskStatus, events_table, tasks_table, utcnow
 from orchestration.moves import EFFECTS, Effects, Input, Move
 from orchestration.state_machine import TaskStateMachine, move_fields
@@ -139,7 +140,7 @@ class _Write:
     def of(cls, move: Move, worker: str | None) -> _Write:
         """Raises ResultRejected, InvalidPayload."""
         reason = storable_text(move.reason) if move.reason is not None else None
-        note = storable_text(move.note) if move.note is not None else None
+        note = storable_text(move.note, MAX_NOTE_CHARS) if move.note is not None else None
         actor = storable_text(move.actor) if move.actor is not None else worker
         result = encode_result(move.result) if move.result is not None else None
         effects = EFFECTS.get(move.event, _NO_EFFECTS)
@@ -206,6 +207,19 @@ def _literal(word: str) -> str:
     return f"'{word}'"
 
 
+def _pg_sets(value_cols: tuple[tuple[str, Any], ...], to_status: str) -> str:
+    """The SET list of a compare-and-set: one parameter per value, except counts and now."""
+
+    def assignment(column: str, kind: Any) -> str:
+        if kind is _INCREMENT:
+            return f"{column} = tasks.{column} + 1"
+        return f"{column} = now()" if kind is _NOW else f"{column} = %s"
+
+    return ", ".join(
+        [assignment(c, kind) for c, kind in value_cols] + [f"status = {_literal(to_status)}"]
+    )
+
+
 @functools.lru_cache(maxsize=512)
 def _pg_statement(
     event: str,
@@ -214,28 +228,17 @@ def _pg_statement(
     value_cols: tuple[tuple[str, Any], ...],
     guard_cols: tuple[tuple[str, bool], ...],
     returning: tuple[str, ...],
-    many: bool = False,
 ) -> tuple[str, tuple[str, ...]]:
     """The compare-and-set and audit insert of one shape of transition, as one statement.
 
     ``value_cols``: (column, _INCREMENT, _NOW or None for a parameter); ``guard_cols``:
     (column, is_null). The event and statuses are literals and the timestamps the
     transaction's ``now()``, so each shape is one prepared statement with few
-    parameters. With ``many`` the id parameter is an array: every listed task in
-    ``from_status`` moves, each with its audit row. Returns the SQL and the names of
-    the RETURNING columns.
+    parameters. Returns the SQL and the names of the RETURNING columns.
     """
-
-    def assignment(column: str, kind: Any) -> str:
-        if kind is _INCREMENT:
-            return f"{column} = {column} + 1"
-        return f"{column} = now()" if kind is _NOW else f"{column} = %s"
-
-    sets = ", ".join(
-        [assignment(c, kind) for c, kind in value_cols] + [f"status = {_literal(to_status)}"]
-    )
+    sets = _pg_sets(value_cols, to_status)
     where = " AND ".join(
-        ["id = ANY(%s)" if many else "id = %s", f"status = {_literal(from_status)}"]
+        ["id = %s", f"status = {_literal(from_status)}"]
         + [f"{c} IS NULL" if is_null else f"{c} = %s" for c, is_null in guard_cols]
     )
     cols = tuple(dict.fromkeys(["id", "assigned_agent", *returning]))
@@ -250,6 +253,49 @@ def _pg_statement(
         f"SELECT {ret} FROM changed"
     )
     return sql, cols
+
+
+@functools.lru_cache(maxsize=128)
+def _pg_many_statement(
+    event: str,
+    from_statuses: tuple[str, ...],
+    to_status: str,
+    value_cols: tuple[tuple[str, Any], ...],
+    guard_cols: tuple[tuple[str, bool], ...],
+    returning: tuple[str, ...],
+) -> tuple[str, tuple[str, ...]]:
+    """:func:`_pg_statement` for a list of tasks (the id parameter an array), each in one
+    of ``from_statuses``: one statement moves them all, each with its audit row.
+
+    The listed tasks in one of the statuses are locked in id order (two bulk moves
+    over the same tasks wait for each other instead of deadlocking) and their status is
+    read under the lock: nothing can change it before the update, which therefore
+    matches on the id alone (the status in the statement's snapshot may be older: a
+    hop that held the row moved it while the lock was awaited). So each audit row names
+    the status its task left, also for a task a hop moved between two of the statuses;
+    a task a hop moved out of them is not moved. The last RETURNING column is
+    ``from_status``.
+    """
+    sets = _pg_sets(value_cols, to_status)
+    statuses = ", ".join(_literal(s) for s in from_statuses)
+    where = " AND ".join(
+        ["tasks.id = old.id"]
+        + [f"tasks.{c} IS NULL" if is_null else f"tasks.{c} = %s" for c, is_null in guard_cols]
+    )
+    cols = tuple(dict.fromkeys(["id", "assigned_agent", *returning]))
+    audit_cols = ", ".join(_AUDIT_COLUMNS)
+    ret = ", ".join(cols)
+    sql = (
+        f"WITH old AS (SELECT id, status FROM tasks WHERE id = ANY(%s) "
+        f"AND status IN ({statuses}) ORDER BY id FOR UPDATE), "
+        f"changed AS (UPDATE tasks SET {sets} FROM old WHERE {where} "
+        f"RETURNING {', '.join(f'tasks.{c}' for c in cols)}, old.status AS from_status), "
+        f"audited AS (INSERT INTO task_events (task_id, {audit_cols}) "
+        f"SELECT id, {_literal(event)}, from_status, {_literal(to_status)}, "
+        f"COALESCE(%s, assigned_agent), %s, %s, %s, %s, now() FROM changed) "
+        f"SELECT {ret}, from_status FROM changed"
+    )
+    return sql, (*cols, "from_status")
 
 
 def _as_is(text: str) -> str:
@@ -311,37 +357,54 @@ def _apply_postgres(db: Database, write: _Write) -> TransitionResult:
     )
 
 
-def _apply_many_postgres(
-    db: Database, write: _Write, ids: list[int], from_status: TaskStatus
-) -> tuple[TaskStatus, list[dict[str, Any]]]:
-    """``write``'s event for every task of ``ids`` in ``from_status``: one statement.
+def _many_target(write: _Write, from_statuses: tuple[TaskStatus, ...]) -> TaskStatus:
+    """Where ``write``'s event leads from each of ``from_statuses`` (the same place).
 
-    Returns the target status and the moved tasks' rows. Raises TransitionNotAllowed.
+    Raises TransitionNotAllowed when the event may not leave one of them.
     """
-    to_status = _verdict(from_status, write.event, agent=write.agent, reason=write.reason)
+    targets = {
+        _verdict(status, write.event, agent=write.agent, reason=write.reason)
+        for status in from_statuses
+    }
+    if len(targets) != 1:
+        raise ValueError(f"{write.event} leads to {sorted(targets)} from {from_statuses}")
+    return targets.pop()
+
+
+def _apply_many_postgres(
+    db: Database, write: _Write, ids: list[int], from_statuses: tuple[TaskStatus, ...]
+) -> tuple[TaskStatus, list[dict[str, Any]]]:
+    """``write``'s event for every task of ``ids`` in one of ``from_statuses``: one
+    statement (:func:`_pg_many_statement`).
+
+    Returns the target status and the moved tasks' rows, each with its
+    ``from_status``. Raises TransitionNotAllowed.
+    """
+    to_status = _many_target(write, from_statuses)
     if not ids:
         return to_status, []
     values: dict[str, Any] = {**write.values, "updated_at": _NOW}
     value_cols = tuple((c, v if v is _INCREMENT or v is _NOW else None) for c, v in values.items())
     guard_cols = tuple((c, v is None) for c, v in write.guard.items())
-    sql, cols = _pg_statement(
+    sql, cols = _pg_many_statement(
         write.event,
-        from_status.value,
+        tuple(s.value for s in from_statuses),
         to_status.value,
         value_cols,
         guard_cols,
         write.returning,
-        many=True,
     )
-    params: list[Any] = [
-        _pg_param(c, v) for c, v in values.items() if v is not _INCREMENT and v is not _NOW
-    ]
-    params.append(list(ids))
+    # In the statement's order: the ids (old), the values (SET), the guards, the audit.
+    params: list[Any] = [list(ids)]
+    params += [_pg_param(c, v) for c, v in values.items() if v is not _INCREMENT and v is not _NOW]
     params += [_pg_param(c, v) for c, v in write.guard.items() if v is not None]
     params += [write.event_agent(), write.reason, write.worker, write.actor, write.note]
     with db.driver_connection() as conn:
         rows = conn.execute(sql, params).fetchall()
-    return to_status, [dict(zip(cols, row, strict=True)) for row in rows]
+    moved = [dict(zip(cols, row, strict=True)) for row in rows]
+    for row in moved:
+        row["from_status"] = TaskStatus(row["from_status"])
+    return to_status, moved
 
 
 # -- SQLite (and any other dialect): SQLAlchemy, one transaction -----------------------
@@ -407,18 +470,25 @@ def _apply_sqlalchemy(db: Database, write: _Write) -> TransitionResult:
 
 
 def _apply_many_sqlalchemy(
-    db: Database, write: _Write, ids: list[int], from_status: TaskStatus
+    db: Database, write: _Write, ids: list[int], from_statuses: tuple[TaskStatus, ...]
 ) -> tuple[TaskStatus, list[dict[str, Any]]]:
-    """As :func:`_apply_many_postgres`, a transaction per task (the embedded default)."""
-    to_status = _verdict(from_status, write.event, agent=write.agent, reason=write.reason)
+    """As :func:`_apply_many_postgres`: the listed tasks' statuses are read, then each
+    task in one of ``from_statuses`` is moved by a compare-and-set on the status read,
+    a transaction per task (the embedded default)."""
+    to_status = _many_target(write, from_statuses)
     moved: list[dict[str, Any]] = []
     if not ids:
         return to_status, moved
-    for task_id in ids:
-        one = dataclasses.replace(write, task_id=task_id, expected=from_status)
+    t = tasks_table.c
+    with db.connect() as conn:
+        found = conn.execute(
+            select(t.id, t.status).where(t.id.in_(ids), t.status.in_(from_statuses)).order_by(t.id)
+        ).all()
+    for task_id, status in found:
+        one = dataclasses.replace(write, task_id=task_id, expected=TaskStatus(status))
         result = _apply_sqlalchemy(db, one)
         if result.outcome is Outcome.APPLIED:
-            moved.append(dict(result.row))
+            moved.append({**result.row, "from_status": result.from_status})
     return to_status, moved
 
 
