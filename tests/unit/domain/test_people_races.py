@@ -16,6 +16,7 @@ import pytest
 
 from orchestration import api
 from orchestration.errors import AlreadyClaimed, TaskrailError, WrongState
+from orchestration.filters import TaskFilter
 from orchestration.models import TaskStatus
 from orchestration.store.transitions import apply_transition
 from tests.support import assert_valid_path
@@ -224,3 +225,58 @@ def test_a_cancel_racing_the_workers_moves_ends_in_one_final_state(backend: Back
             assert len(events) == applied[task_id] == 3
     assert set(finals) <= {"cancelled", "completed"}
     assert sum(finals.values()) == len(ids)
+
+
+def test_a_bulk_cancel_racing_the_workers_counts_every_task_once(backend: Backend) -> None:
+    # Given 120 pending tasks, and a worker driving them newest first to completion
+    ids = [backend.put(S.PENDING) for _ in range(120)]
+    db = backend.db
+    started = threading.Event()
+
+    def work() -> None:
+        started.set()
+        for task_id in reversed(ids):
+            for event, expected in (
+                ("assign", S.PENDING),
+                ("start", S.ASSIGNED),
+                ("complete", S.IN_PROGRESS),
+            ):
+                moved = apply_transition(
+                    db,
+                    task_id,
+                    event,
+                    expected=expected,
+                    agent="personal_tax_agent" if event == "assign" else None,
+                    worker="w-1",
+                )
+                if not moved.applied:
+                    break
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    started.wait(10)
+
+    # When every pending or assigned task is cancelled meanwhile, in batches of 7
+    trail = api.Taskrail(backend.settings)
+    try:
+        result = trail.bulk(
+            "cancel", TaskFilter.build(status=["pending", "assigned"]), by="ana", batch=7
+        )
+    finally:
+        trail.close()
+    worker.join(60)
+
+    # Then each task matched was cancelled once or skipped, and counted as one of them;
+    # every task's events replay, one per transition, ending in its status
+    assert result.matched == result.moved + result.skipped
+    cancelled = [i for i in ids if backend.trail.get(i).status is S.CANCELLED]
+    assert len(cancelled) == result.moved
+    for task_id in ids:
+        task = backend.trail.get(task_id)
+        events = backend.events(task_id)
+        path = [(e["event"], e["from_status"].value, e["to_status"].value) for e in events]
+        assert_valid_path(task_id, path, task.status.value)
+        assert task.status in (S.CANCELLED, S.COMPLETED, S.IN_PROGRESS), path
+        cancels = [e for e in events if e["event"] == "cancel"]
+        assert len(cancels) == (1 if task.status is S.CANCELLED else 0)
+        assert [e["actor"] for e in cancels] == (["ana"] if cancels else [])
