@@ -135,9 +135,10 @@ def status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     windows = [f"{w}m" for w in report.throughput.windows_min]
     for window in windows:
         rates.add_column(f"last {window}", justify="right")
-    for state in ("completed", "failed", "escalated"):
+    for state in report.throughput.states:
         per_min = report.throughput.per_min(state)
-        rates.add_row(f"[{STATUS_STYLE[state]}]{state}[/]", *(f"{per_min[w]:g}" for w in windows))
+        style = STATUS_STYLE.get(state, "white")
+        rates.add_row(f"[{style}]{state}[/]", *(f"{per_min[w]:g}" for w in windows))
     out.print(Columns([states, rates], padding=(0, 4)))
     for line in _not_moving_lines(doc, trail.settings.redrive_after_s):
         out.print(line)

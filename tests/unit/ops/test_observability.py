@@ -474,6 +474,9 @@ def test_status_screen_and_json_show_each_category(
     assert "over time limit: 2 tasks" in text  # gone_agent: the default 300 s limit
     assert "deferred: 2 tasks waiting on an open breaker or a retry backoff" in text
     assert "sweeper: last ran 60 s ago (every 4 s), re-drove 2 in 0.5 s; late" in text
+    # and every resting state has its row: in the counts, and among the finished per minute
+    for state in ("completed", "failed", "escalated", "cancelled"):
+        assert text.count(f" {state} ") == 2, (state, screen.stdout)
     # and --json carries the same
     assert doc["stuck"]["count"] == 3 and doc["deferred"]["count"] == 2
     assert doc["over_time_limit"]["count"] == 2
