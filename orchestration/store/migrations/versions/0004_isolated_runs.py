@@ -12,6 +12,8 @@ Create Date: 2026-12-07
 import sqlalchemy as sa
 from alembic import op
 
+from orchestration.store.migrate import events_kept
+
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -19,12 +21,12 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("tasks") as batch:
+    with events_kept("0004"), op.batch_alter_table("tasks") as batch:
         batch.add_column(
             sa.Column("isolated", sa.Boolean(), nullable=False, server_default=sa.false())
         )
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("tasks") as batch:
+    with events_kept("0004"), op.batch_alter_table("tasks") as batch:
         batch.drop_column("isolated")

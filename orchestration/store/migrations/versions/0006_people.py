@@ -11,20 +11,19 @@
 On SQLite, changing the check constraint rebuilds ``tasks`` (copy, drop, rename); with
 foreign keys on (as taskrail connects) dropping the old table would delete every
 task's events (ON DELETE CASCADE), and the pragma cannot be turned off inside the
-migration's transaction: the events are kept aside and put back (:func:`_events_kept`).
+migration's transaction: the events are kept aside and put back
+(:func:`orchestration.store.migrate.events_kept`).
 
 Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-07
 """
 
-import contextlib
-from collections.abc import Iterator
-
 import sqlalchemy as sa
 from alembic import op
 
 from orchestration.models import UTCDateTime
+from orchestration.store.migrate import events_kept
 
 revision = "0006"
 down_revision = "0005"
@@ -35,25 +34,8 @@ _OLD = "status IN ('pending','assigned','in_progress','completed','failed','esca
 _NEW = "status IN ('pending','assigned','in_progress','completed','failed','escalated','cancelled')"
 
 
-@contextlib.contextmanager
-def _events_kept() -> Iterator[None]:
-    """Keep ``task_events`` as it is across a rebuild of ``tasks`` on SQLite (see above).
-
-    The rows are copied to a temporary table and written back after the rebuild
-    (whatever the rebuild left of them, with foreign keys off, is replaced).
-    """
-    if op.get_bind().dialect.name != "sqlite":
-        yield
-        return
-    op.execute("CREATE TEMP TABLE task_events_0006 AS SELECT * FROM task_events")
-    yield
-    op.execute("DELETE FROM task_events")
-    op.execute("INSERT INTO task_events SELECT * FROM task_events_0006")
-    op.execute("DROP TABLE task_events_0006")
-
-
 def upgrade() -> None:
-    with _events_kept(), op.batch_alter_table("tasks") as batch:
+    with events_kept("0006"), op.batch_alter_table("tasks") as batch:
         batch.drop_constraint("ck_tasks_status", type_="check")
         batch.create_check_constraint("ck_tasks_status", _NEW)
         batch.add_column(sa.Column("claimed_by", sa.String(255)))
@@ -93,7 +75,7 @@ def downgrade() -> None:
     with op.batch_alter_table("task_events") as batch:
         batch.drop_column("note")
         batch.drop_column("actor")
-    with _events_kept(), op.batch_alter_table("tasks") as batch:
+    with events_kept("0006"), op.batch_alter_table("tasks") as batch:
         batch.drop_column("claimed_at")
         batch.drop_column("claimed_by")
         batch.drop_constraint("ck_tasks_status", type_="check")
