@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get(
     "TASKRAIL_TEST_PG_ADMIN", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-RESTING = {"completed", "failed", "escalated"}
+RESTING = {"completed", "failed", "escalated", "cancelled"}
 
 # Every key this test session writes starts with its own prefix. The suite's Redis is a
 # redis-server of its own (tests/conftest.py), so the prefix is a second guard only.

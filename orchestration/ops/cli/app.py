@@ -137,4 +137,3 @@ def _main(ctx: typer.Context) -> None:
     configure_logging(read.log_format, "WARNING")
     ctx.obj = CliState(read)
     ctx.call_on_close(ctx.obj.close)
-
