@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import getpass
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from orchestration import constants as c
 from orchestration.errors import InvalidField, InvalidFilter, short_repr
@@ -24,9 +24,14 @@ from orchestration.models import TaskStatus
 from orchestration.values import check_client_id
 
 __all__ = [
+    "BULK_FILTER_NAMES",
+    "FILTER_NAMES",
+    "BulkFilterFields",
+    "FilterFields",
     "TaskFilter",
     "check_actor",
     "check_limit",
+    "check_names",
     "check_text",
     "default_actor",
     "parse_since",
@@ -194,6 +199,38 @@ def check_actor(by: Any) -> str:
     return str(by)
 
 
+class BulkFilterFields(TypedDict, total=False):
+    """The filters of a bulk move besides its statuses, as given (checked by
+    :meth:`TaskFilter.build`)."""
+
+    task_type: str | None
+    client_id: int | None
+    agent: str | None
+    since: str | datetime | timedelta | None
+
+
+class FilterFields(BulkFilterFields, total=False):
+    """Every filter, as given: the keywords of :meth:`TaskFilter.build` and of
+    ``Taskrail.list_tasks``."""
+
+    status: str | Iterable[Any] | None
+    claimed_by: str | None
+    after: int | None
+
+
+FILTER_NAMES = FilterFields.__optional_keys__
+BULK_FILTER_NAMES = BulkFilterFields.__optional_keys__
+
+
+def check_names(given: Mapping[str, Any], known: frozenset[str] = FILTER_NAMES) -> None:
+    """Raises TypeError, as a call with an unknown keyword does, when ``given`` names a
+    filter not ``known`` (:data:`FILTER_NAMES`, or :data:`BULK_FILTER_NAMES`)."""
+    for name in given:
+        if name not in known:
+            listed = ", ".join(sorted(known))
+            raise TypeError(f"unknown filter {name!r}; the filters are {listed}")
+
+
 @dataclass(frozen=True, slots=True)
 class TaskFilter:
     """Which tasks: every given field must match (statuses: any of them).
@@ -211,26 +248,19 @@ class TaskFilter:
     after: int | None = None
 
     @classmethod
-    def build(
-        cls,
-        *,
-        status: str | Iterable[Any] | None = None,
-        task_type: str | None = None,
-        client_id: int | None = None,
-        agent: str | None = None,
-        claimed_by: str | None = None,
-        since: str | datetime | timedelta | None = None,
-        after: int | None = None,
-    ) -> TaskFilter:
-        """Raises InvalidFilter, InvalidClientId."""
+    def build(cls, **fields: Unpack[FilterFields]) -> TaskFilter:
+        """The filter ``fields`` name, each checked. Raises InvalidFilter,
+        InvalidClientId; TypeError for a name that is no filter."""
+        check_names(fields)
+        client_id = fields.get("client_id")
         return cls(
-            statuses=parse_statuses(status),
-            task_type=_check_name(task_type, "task type", c.MAX_TASK_TYPE_CHARS),
+            statuses=parse_statuses(fields.get("status")),
+            task_type=_check_name(fields.get("task_type"), "task type", c.MAX_TASK_TYPE_CHARS),
             client_id=None if client_id is None else check_client_id(client_id),
-            agent=_check_name(agent, "agent", 128),
-            claimed_by=_check_name(claimed_by, "claimed by", 255),
-            since=parse_since(since),
-            after=_check_after(after),
+            agent=_check_name(fields.get("agent"), "agent", 128),
+            claimed_by=_check_name(fields.get("claimed_by"), "claimed by", 255),
+            since=parse_since(fields.get("since")),
+            after=_check_after(fields.get("after")),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Unpack
 
 from orchestration import constants as c
 from orchestration.api.base import TaskrailBase
 from orchestration.api.people import _ALLOWED, _allowed_from, _cancel_reason
 from orchestration.errors import InvalidFilter, short_repr
 from orchestration.filters import (
+    BULK_FILTER_NAMES,
+    BulkFilterFields,
+    FilterFields,
     TaskFilter,
     check_actor,
     check_limit,
+    check_names,
     check_text,
 )
 from orchestration.moves import Move
@@ -53,85 +56,52 @@ class BulkMoves(TaskrailBase):
     """:class:`~orchestration.api.Taskrail`'s reads and moves of many tasks by filter."""
 
     def list_tasks(
-        self,
-        *,
-        status: str | Iterable[Any] | None = None,
-        task_type: str | None = None,
-        client_id: int | None = None,
-        agent: str | None = None,
-        claimed_by: str | None = None,
-        since: str | datetime | timedelta | None = None,
-        limit: int = c.DEFAULT_LIST_LIMIT,
-        after: int | None = None,
+        self, *, limit: int = c.DEFAULT_LIST_LIMIT, **filters: Unpack[FilterFields]
     ) -> list[TaskRecord]:
         """Tasks matching every given filter, newest first, at most ``limit``.
 
-        ``status``: one name or several; ``since``: a duration back (``1h``, ``30m``,
-        ``2d``), an ISO time or a datetime (by creation time); ``after``: the last id of
-        the previous page (keyset pagination). Raises InvalidFilter, InvalidClientId.
+        The filters (:class:`~orchestration.filters.FilterFields`): ``status`` (one name
+        or several), ``task_type``, ``client_id``, ``agent``, ``claimed_by``, ``since`` (a
+        duration back: ``1h``, ``30m``, ``2d``; an ISO time or a datetime; by creation
+        time) and ``after``, the last id of the previous page (keyset pagination). Raises
+        InvalidFilter, InvalidClientId; TypeError for a name that is no filter.
         """
-        flt = TaskFilter.build(
-            status=status,
-            task_type=task_type,
-            client_id=client_id,
-            agent=agent,
-            claimed_by=claimed_by,
-            since=since,
-            after=after,
-        )
+        flt = TaskFilter.build(**filters)
         return listing.list_tasks(self.db, flt, check_limit(limit))
 
     def retry_many(
         self,
         *,
         status: str | Iterable[Any] | None = "failed",
-        task_type: str | None = None,
-        client_id: int | None = None,
-        agent: str | None = None,
-        since: str | datetime | timedelta | None = None,
         dry_run: bool = False,
         by: str | None = None,
         note: str | None = None,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
+        **filters: Unpack[BulkFilterFields],
     ) -> BulkResult:
-        """Retry every failed task matching the filters (see :meth:`bulk`)."""
-        return self.bulk(
-            "retry",
-            TaskFilter.build(
-                status=status, task_type=task_type, client_id=client_id, agent=agent, since=since
-            ),
-            dry_run=dry_run,
-            by=by,
-            note=note,
-            progress=progress,
-        )
+        """Retry every failed task matching the filters (``task_type``, ``client_id``,
+        ``agent``, ``since``; see :meth:`bulk`)."""
+        check_names(filters, BULK_FILTER_NAMES)
+        flt = TaskFilter.build(status=status, **filters)
+        return self.bulk("retry", flt, dry_run=dry_run, by=by, note=note, progress=progress)
 
     def cancel_many(
         self,
         *,
         status: str | Iterable[Any] | None,
-        task_type: str | None = None,
-        client_id: int | None = None,
-        agent: str | None = None,
-        since: str | datetime | timedelta | None = None,
         reason: str | None = None,
         dry_run: bool = False,
         by: str | None = None,
         note: str | None = None,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Progress | None = None,
+        **filters: Unpack[BulkFilterFields],
     ) -> BulkResult:
         """Cancel every pending, assigned or in-progress task matching the filters
-        (see :meth:`bulk`)."""
+        (``task_type``, ``client_id``, ``agent``, ``since``; see :meth:`bulk`)."""
+        check_names(filters, BULK_FILTER_NAMES)
+        flt = TaskFilter.build(status=status, **filters)
         return self.bulk(
-            "cancel",
-            TaskFilter.build(
-                status=status, task_type=task_type, client_id=client_id, agent=agent, since=since
-            ),
-            reason=reason,
-            dry_run=dry_run,
-            by=by,
-            note=note,
-            progress=progress,
+            "cancel", flt, reason=reason, dry_run=dry_run, by=by, note=note, progress=progress
         )
 
     def bulk(

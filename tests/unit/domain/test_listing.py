@@ -259,8 +259,10 @@ def test_a_bad_filter_is_a_one_line_error(
 
 
 def test_list_tasks_takes_no_unknown_filter(backend: Backend) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="'colour'; the filters are after, agent, claimed_by"):
         backend.trail.list_tasks(colour="red")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="colour"):
+        TaskFilter.build(colour="red")  # type: ignore[call-arg]
 
 
 # -- since ---------------------------------------------------------------------------

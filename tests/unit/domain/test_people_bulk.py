@@ -320,3 +320,21 @@ def test_bad_input_to_a_bulk_move_is_refused_and_writes_nothing(
 
     assert name in str(info.value)
     assert everything(backend) == before
+
+
+@pytest.mark.parametrize("name", ["claimed_by", "after", "colour"])
+def test_a_bulk_move_takes_no_filter_it_does_not_know_and_writes_nothing(
+    backend: Backend, name: str
+) -> None:
+    # Given tasks a bulk retry and a bulk cancel could move
+    backend.put(S.PENDING)
+    backend.put(S.FAILED)
+    before = everything(backend)
+
+    # When a filter the bulk moves do not take is given (list_tasks takes the first two)
+    # Then each refuses it as a call with an unknown keyword is refused, naming it
+    with pytest.raises(TypeError, match=name):
+        backend.trail.retry_many(**{name: 1})
+    with pytest.raises(TypeError, match=name):
+        backend.trail.cancel_many(status="pending", **{name: 1})
+    assert everything(backend) == before
