@@ -164,30 +164,10 @@ def metrics(
 
 def breaker_infos(settings: Settings) -> list[Any]:
     """Every breaker in the shared state, plus each registered agent's (closed if unseen)."""
-    from orchestration.agents import load_agent_modules, registry
-    from orchestration.breakers import BreakerBoard, BreakerInfo
+    from orchestration.ops.breaker_views import opened
 
-    load_agent_modules(settings.agents)
-    board = BreakerBoard(settings.redis_url, namespace=settings.breaker_namespace)
-    try:
-        infos = {info.name: info for info in board.list()}
-    finally:
-        board.close()
-    for spec in registry.agents():
-        infos.setdefault(
-            spec.breaker_name,
-            BreakerInfo(
-                name=spec.breaker_name,
-                state="closed",
-                fail_count=0,
-                fail_max=spec.fail_max,
-                reset_timeout_s=spec.reset_timeout_s,
-                opened_at=None,
-                next_trial_at=None,
-                trial_in_progress=False,
-            ),
-        )
-    return sorted(infos.values(), key=lambda info: info.name)
+    with opened(settings) as views:
+        return views.list()
 
 
 BREAKER_STYLE = {"closed": "green", "open": "red", "half-open": "yellow"}
@@ -226,20 +206,10 @@ def breakers_reset(
     name: Annotated[str, typer.Argument(help="Breaker name, e.g. agent:payroll_agent.")],
 ) -> None:
     """Close a breaker and zero its failure count, for every worker."""
-    from orchestration.agents import load_agent_modules, registry
-    from orchestration.breakers import BreakerBoard, BreakerNotFound
+    from orchestration.ops.breaker_views import opened
 
-    settings = current_settings(ctx)
-    load_agent_modules(settings.agents)
-    board = BreakerBoard(settings.redis_url, namespace=settings.breaker_namespace)
-    try:
-        board.reset(name)
-    except BreakerNotFound:
-        # An agent's breaker that no worker has used yet is closed already.
-        if name not in {spec.breaker_name for spec in registry.agents()}:
-            raise
-    finally:
-        board.close()
+    with opened(current_settings(ctx)) as views:
+        views.reset(name)
     out.print(f"breaker {name} is closed", markup=False, highlight=False)
 
 
@@ -253,5 +223,3 @@ def db_upgrade(ctx: typer.Context) -> None:
     database = Database(settings.effective_database_url)
     database.upgrade()
     out.print(f"schema is current on {database.where}", markup=False, highlight=False)
-
-

@@ -41,8 +41,8 @@ from orchestration.errors import (
 )
 from orchestration.logging import get_logger
 from orchestration.models import TaskStatus
+from orchestration.ops.breaker_views import Breakers
 from orchestration.ops.cli_edge import one_line
-from orchestration.ops.web.breakers import Breakers
 from orchestration.ops.web.guard import BasicAuthGuard, Credentials, CsrfTokens
 
 log = get_logger("taskrail.web")
