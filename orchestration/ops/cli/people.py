@@ -44,6 +44,7 @@ from orchestration.ops.cli_edge import literal, parse_number
 
 if TYPE_CHECKING:
     from orchestration.api import BulkResult
+    from orchestration.filters import TaskFilter
     from orchestration.store.records import TaskRecord
 
 Progress = Callable[[int, int], None]
@@ -143,13 +144,12 @@ class _Filter:
         )
         return [flag for flag, value in named if value is not None]
 
-    def checked(self) -> dict[str, Any]:
-        """The filter as keyword arguments of the API, checked before the database is
-        opened; ``since`` as the instant it names now. Raises InvalidFilter, InvalidNumber,
-        InvalidClientId."""
+    def task_filter(self) -> TaskFilter:
+        """The filter, checked before the database is opened; ``since`` as the instant it
+        names now. Raises InvalidFilter, InvalidNumber, InvalidClientId."""
         from orchestration.filters import TaskFilter
 
-        flt = TaskFilter.build(
+        return TaskFilter.build(
             status=_statuses(self.status),
             task_type=self.task_type,
             client_id=None if self.client is None else parse_number(self.client, "client id"),
@@ -157,6 +157,10 @@ class _Filter:
             claimed_by=self.claimed_by,
             since=self.since,
         )
+
+    def checked(self) -> dict[str, Any]:
+        """:meth:`task_filter` as keyword arguments of the API's ``list_tasks``."""
+        flt = self.task_filter()
         query: dict[str, Any] = {
             "status": [s.value for s in flt.statuses] or None,
             "task_type": flt.task_type,
@@ -397,6 +401,50 @@ def _progress_bar(verb: str) -> Iterator[Progress | None]:
         yield update
 
 
+@dataclass(frozen=True, slots=True)
+class _Act:
+    """The options of ``cancel`` and ``retry`` besides the task or filter, as typed."""
+
+    reason: str | None
+    dry_run: bool
+    by: str | None
+    note: str | None
+    as_json: bool
+
+
+def _one_or_many(
+    ctx: typer.Context, event: str, task_text: str | None, flt: _Filter, act: _Act
+) -> None:
+    """``event`` (cancel or retry) on the task ``task_text`` names, or on every task
+    ``flt`` matches (``--status`` given). Raises InputError (both or neither given)."""
+    task_id = _one_task(event, task_text, flt, act.dry_run)
+    if task_id is None:
+        chosen = flt.task_filter()
+        trail = current_client(ctx)
+        _bulk(
+            event,
+            lambda progress: trail.bulk(
+                event,
+                chosen,
+                reason=act.reason,
+                dry_run=act.dry_run,
+                by=act.by,
+                note=act.note,
+                progress=progress,
+            ),
+            act.dry_run,
+            act.as_json,
+        )
+        return
+    actor = _actor(act.by)
+    trail = current_client(ctx)
+    if event == "cancel":
+        trail.cancel(task_id, reason=act.reason, by=actor, note=act.note)
+    else:
+        trail.retry(task_id, by=actor, note=act.note)
+    _moved(task_id, event, actor, act.as_json)
+
+
 def _bulk(
     event: str, run: Callable[[Progress | None], BulkResult], dry_run: bool, as_json: bool
 ) -> None:
@@ -444,22 +492,7 @@ def cancel(
 ) -> None:
     """Cancel a pending, assigned or in-progress task, or every one a filter matches."""
     flt = _Filter(status, task_type, client, agent, since)
-    task_id = _one_task("cancel", task_text, flt, dry_run)
-    if task_id is None:
-        query = flt.checked()
-        trail = current_client(ctx)
-        _bulk(
-            "cancel",
-            lambda progress: trail.cancel_many(
-                **query, reason=reason, dry_run=dry_run, by=by, note=note, progress=progress
-            ),
-            dry_run,
-            as_json,
-        )
-        return
-    actor = _actor(by)
-    current_client(ctx).cancel(task_id, reason=reason, by=actor, note=note)
-    _moved(task_id, "cancel", actor, as_json)
+    _one_or_many(ctx, "cancel", task_text, flt, _Act(reason, dry_run, by, note, as_json))
 
 
 @app.command()
@@ -479,19 +512,4 @@ def retry(
 ) -> None:
     """Send a failed task back to pending, or every failed task a filter matches."""
     flt = _Filter(status, task_type, client, agent, since)
-    task_id = _one_task("retry", task_text, flt, dry_run)
-    if task_id is None:
-        query = flt.checked()
-        trail = current_client(ctx)
-        _bulk(
-            "retry",
-            lambda progress: trail.retry_many(
-                **query, dry_run=dry_run, by=by, note=note, progress=progress
-            ),
-            dry_run,
-            as_json,
-        )
-        return
-    actor = _actor(by)
-    current_client(ctx).retry(task_id, by=actor, note=note)
-    _moved(task_id, "retry", actor, as_json)
+    _one_or_many(ctx, "retry", task_text, flt, _Act(None, dry_run, by, note, as_json))
