@@ -312,6 +312,28 @@ def _pg_param(column: str, value: Any) -> Any:
     return value
 
 
+def _applied(
+    write: _Write,
+    from_status: TaskStatus,
+    to_status: TaskStatus,
+    row: dict[str, Any],
+    event_agent: str | None,
+) -> TransitionResult:
+    """``write`` applied from ``from_status``: ``row`` as the write returned it,
+    ``event_agent`` the agent its audit event names."""
+    return TransitionResult(
+        Outcome.APPLIED,
+        write.task_id,
+        write.event,
+        from_status,
+        to_status,
+        row,
+        event_agent,
+        write.reason,
+        write.actor,
+    )
+
+
 def _apply_postgres(db: Database, write: _Write) -> TransitionResult:
     task_id, event = write.task_id, write.event
     with db.driver_connection() as conn:
@@ -344,17 +366,7 @@ def _apply_postgres(db: Database, write: _Write) -> TransitionResult:
     row = dict(zip(cols, found, strict=True))
     if event_agent is None:
         event_agent = row["assigned_agent"]
-    return TransitionResult(
-        Outcome.APPLIED,
-        task_id,
-        event,
-        from_status,
-        to_status,
-        row,
-        event_agent,
-        write.reason,
-        write.actor,
-    )
+    return _applied(write, from_status, to_status, row, event_agent)
 
 
 def _many_target(write: _Write, from_statuses: tuple[TaskStatus, ...]) -> TaskStatus:
@@ -456,17 +468,7 @@ def _apply_sqlalchemy(db: Database, write: _Write) -> TransitionResult:
             "e_at": now,
         }
         conn.execute(insert, audit)
-    return TransitionResult(
-        Outcome.APPLIED,
-        task_id,
-        event,
-        from_status,
-        to_status,
-        row,
-        event_agent,
-        write.reason,
-        write.actor,
-    )
+    return _applied(write, from_status, to_status, row, event_agent)
 
 
 def _apply_many_sqlalchemy(
