@@ -12,7 +12,6 @@ A ``redis.asyncio`` client's connections belong to the event loop that opened th
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,25 +19,14 @@ from typing import Any
 import redis.asyncio
 from redis.commands.core import AsyncScript
 
-from orchestration.breakers import lua
 from orchestration.breakers.model import Reply
-from orchestration.breakers.storage import breaker_keys, parse_reply, script_argv
-
-
-class CommandTally:
-    """A thread-safe count of commands, shared by every async client of one board."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0
-
-    def add(self, n: int) -> None:
-        with self._lock:
-            self._count += n
-
-    @property
-    def count(self) -> int:
-        return self._count
+from orchestration.breakers.storage import (
+    CommandTally,
+    Scripts,
+    breaker_keys,
+    parse_reply,
+    script_argv,
+)
 
 
 class CountingAsyncRedis(redis.asyncio.Redis):
@@ -53,18 +41,8 @@ class CountingAsyncRedis(redis.asyncio.Redis):
         return await super().execute_command(*args, **options)
 
 
-class AsyncScripts:
+class AsyncScripts(Scripts[AsyncScript]):
     """The Lua scripts of :mod:`.lua` registered on one async client."""
-
-    def __init__(self, client: redis.asyncio.Redis) -> None:
-        self.read = client.register_script(lua.READ)
-        self.failure = client.register_script(lua.FAILURE)
-        self.success = client.register_script(lua.SUCCESS)
-        self.trial = client.register_script(lua.TRIAL)
-        self.trial_done = client.register_script(lua.TRIAL_DONE)
-        self.abandon = client.register_script(lua.ABANDON)
-        self.reset = client.register_script(lua.RESET)
-        self.force_open = client.register_script(lua.FORCE_OPEN)
 
 
 class AsyncRedisBreakerStorage:

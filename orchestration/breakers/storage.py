@@ -26,11 +26,11 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import pybreaker
 import redis
-from redis.commands.core import Script
+from redis.commands.core import AsyncScript, Script
 
 from orchestration import constants as c
 from orchestration.breakers import lua
@@ -116,40 +116,66 @@ def parse_reply(raw: Sequence[Any], read_mono: float) -> Reply:
     return Reply(snapshot, changed or None, verdict, int(wait))
 
 
+class CommandTally:
+    """A thread-safe count of the commands sent (for the overhead budget); the async
+    clients of one board share one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._count += n
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+
 class CountingRedis(redis.Redis):
-    """A redis-py client that counts the commands it sends (for the overhead budget)."""
+    """A redis-py client that counts the commands it sends into ``tally``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._count_lock = threading.Lock()
-        self._commands = 0
+        self.tally = CommandTally()
 
     def execute_command(self, *args: Any, **options: Any) -> Any:
-        self.add_commands(1)
+        self.tally.add(1)
         return super().execute_command(*args, **options)
 
     def add_commands(self, n: int) -> None:
         """Count ``n`` commands sent another way (a pipeline)."""
-        with self._count_lock:
-            self._commands += n
+        self.tally.add(n)
 
     @property
     def commands(self) -> int:
-        return self._commands
+        return self.tally.count
 
 
-class Scripts:
-    """The Lua scripts registered on one client (``EVALSHA``, loaded on first use)."""
+ScriptT = TypeVar("ScriptT", Script, AsyncScript)
+_Registered = TypeVar("_Registered", covariant=True)
 
-    def __init__(self, client: redis.Redis) -> None:
-        self.read = client.register_script(lua.READ)
-        self.failure = client.register_script(lua.FAILURE)
-        self.success = client.register_script(lua.SUCCESS)
-        self.trial = client.register_script(lua.TRIAL)
-        self.trial_done = client.register_script(lua.TRIAL_DONE)
-        self.abandon = client.register_script(lua.ABANDON)
-        self.reset = client.register_script(lua.RESET)
-        self.force_open = client.register_script(lua.FORCE_OPEN)
+
+class _Registers(Protocol[_Registered]):
+    """A redis-py client, sync or async."""
+
+    def register_script(self, script: str, /) -> _Registered: ...
+
+
+class Scripts(Generic[ScriptT]):
+    """The Lua scripts of :mod:`.lua` registered on one client, sync (``Script``) or
+    ``redis.asyncio`` (``AsyncScript``): ``EVALSHA``, loaded on first use."""
+
+    def __init__(self, client: _Registers[ScriptT]) -> None:
+        self.read: ScriptT = client.register_script(lua.READ)
+        self.failure: ScriptT = client.register_script(lua.FAILURE)
+        self.success: ScriptT = client.register_script(lua.SUCCESS)
+        self.trial: ScriptT = client.register_script(lua.TRIAL)
+        self.trial_done: ScriptT = client.register_script(lua.TRIAL_DONE)
+        self.abandon: ScriptT = client.register_script(lua.ABANDON)
+        self.reset: ScriptT = client.register_script(lua.RESET)
+        self.force_open: ScriptT = client.register_script(lua.FORCE_OPEN)
 
 
 class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
@@ -177,7 +203,7 @@ class RedisBreakerStorage(pybreaker.CircuitRedisStorage):
     def __init__(
         self,
         client: redis.Redis,
-        scripts: Scripts,
+        scripts: Scripts[Script],
         namespace: str,
         name: str,
         *,
