@@ -3,10 +3,8 @@ PostgreSQL, against a brute-force model; and every bad filter a one-line error."
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +17,7 @@ from orchestration.errors import InvalidClientId, InvalidFilter, TaskrailError
 from orchestration.filters import TaskFilter, parse_since, parse_statuses
 from orchestration.models import TaskStatus, events_table, tasks_table
 from orchestration.store.records import TaskRecord
-from tests.unit.domain.people_support import BACKENDS, Backend, open_backend
+from tests.unit.domain.people_support import Backend
 
 S = TaskStatus
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
@@ -27,14 +25,6 @@ EST = timezone(timedelta(hours=-5))
 TYPES = ("personal_tax", "payroll", "bookkeeping")
 AGENTS = (None, "personal_tax_agent", "payroll_agent")
 PEOPLE = (None, "ana", "bob")
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Backend]:
-    with open_backend(request.param, request, tmp_path, monkeypatch) as opened:
-        yield opened
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import getpass
 import math
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -38,7 +37,7 @@ from orchestration.errors import (
 from orchestration.models import TaskStatus
 from orchestration.moves import RUN_COLUMNS
 from orchestration.values import read_json
-from tests.unit.domain.people_support import BACKENDS, Backend, move_to, open_backend
+from tests.unit.domain.people_support import Backend, move_to
 
 S = TaskStatus
 
@@ -91,14 +90,6 @@ def put_for(backend: Backend, event: str, status: TaskStatus | None = None) -> i
     status = status or start_state(event)
     claimed = "bob" if event == "unclaim" and status is S.ESCALATED else None
     return backend.put(status, claimed_by=claimed)
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Backend]:
-    with open_backend(request.param, request, tmp_path, monkeypatch) as opened:
-        yield opened
 
 
 def assert_refused(

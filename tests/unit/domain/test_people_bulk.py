@@ -6,7 +6,6 @@ a task that moved on between the read of its id and the write."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,17 +18,9 @@ from orchestration.models import TaskStatus, events_table, tasks_table
 from orchestration.moves import RUN_COLUMNS, Move
 from orchestration.store import listing
 from orchestration.store.transitions import TransitionStore
-from tests.unit.domain.people_support import BACKENDS, WORKER, Backend, move_to, open_backend
+from tests.unit.domain.people_support import WORKER, Backend, move_to
 
 S = TaskStatus
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(
-    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Backend]:
-    with open_backend(request.param, request, tmp_path, monkeypatch) as opened:
-        yield opened
 
 
 def everything(backend: Backend) -> tuple[Any, ...]:
