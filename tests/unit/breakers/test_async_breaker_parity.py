@@ -218,23 +218,24 @@ async def _async_step(breaker: SharedBreaker, step: str) -> Any:
 def _seen(outcome: Callable[[], Any]) -> tuple[str, str]:
     try:
         return ("returned", repr(outcome()))
-    except BreakerOpen as refused:
-        return ("refused", refused.state)
-    except asyncio.CancelledError:
-        return ("cancelled", "")
-    except Exception as exc:
-        return ("raised", f"{type(exc).__name__}: {exc}")
+    except (Exception, asyncio.CancelledError) as exc:
+        return _failed(exc)
 
 
 async def _aseen(outcome: Coroutine[Any, Any, Any]) -> tuple[str, str]:
     try:
         return ("returned", repr(await outcome))
-    except BreakerOpen as refused:
-        return ("refused", refused.state)
-    except asyncio.CancelledError:
+    except (Exception, asyncio.CancelledError) as exc:
+        return _failed(exc)
+
+
+def _failed(exc: BaseException) -> tuple[str, str]:
+    """How a call that raised ``exc`` is seen: refused, cancelled or raised."""
+    if isinstance(exc, BreakerOpen):
+        return ("refused", exc.state)
+    if isinstance(exc, asyncio.CancelledError):
         return ("cancelled", "")
-    except Exception as exc:
-        return ("raised", f"{type(exc).__name__}: {exc}")
+    return ("raised", f"{type(exc).__name__}: {exc}")
 
 
 SPLIT_STEPS = ["ok", "fail", "business", "cancel", "abandon", "with_fail"]
@@ -390,36 +391,31 @@ ACTIONS = st.one_of(
 )
 
 
+def _actions(words: str) -> list[tuple[str, int, str]]:
+    """``start``, ``elapse`` and ``finish:<pick>:<outcome>`` words as ACTIONS' actions."""
+    actions = []
+    for word in words.split():
+        if word in ("start", "elapse"):
+            actions.append((word, 0, ""))
+        else:
+            _, pick, outcome = word.split(":")
+            actions.append(("finish", int(pick), outcome))
+    return actions
+
+
 @pytest.mark.integration
 @HYPOTHESIS
 @given(actions=st.lists(ACTIONS, max_size=40), fail_max=st.integers(1, 3))
 @example(  # a success clears the count; a late failure from before a close is not counted
-    actions=[
-        ("start", 0, ""),
-        ("start", 0, ""),
-        ("finish", 0, "fail"),
-        ("start", 0, ""),
-        ("finish", 1, "ok"),
-        ("finish", 0, "fail"),
-        ("finish", 0, "fail"),
-        ("elapse", 0, ""),
-        ("start", 0, ""),
-        ("start", 0, ""),
-    ],
+    actions=_actions(
+        "start start finish:0:fail start finish:1:ok finish:0:fail finish:0:fail elapse start start"
+    ),
     fail_max=2,
 )
 @example(  # a cancelled trial frees the lease for the next caller
-    actions=[
-        ("start", 0, ""),
-        ("finish", 0, "fail"),
-        ("elapse", 0, ""),
-        ("start", 0, ""),
-        ("start", 0, ""),
-        ("finish", 0, "cancel"),
-        ("start", 0, ""),
-        ("finish", 0, "business"),
-        ("start", 0, ""),
-    ],
+    actions=_actions(
+        "start finish:0:fail elapse start start finish:0:cancel start finish:0:business start"
+    ),
     fail_max=1,
 )
 def test_overlapping_async_calls_follow_the_model(
