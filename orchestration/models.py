@@ -118,6 +118,7 @@ class Task(Base):
         # keyset-paginated (migration 0006).
         Index("ix_tasks_status_id", "status", "id"),
         Index("ix_tasks_type_id", "task_type", "id"),
+        Index("ix_tasks_status_type_id", "status", "task_type", "id"),
         Index("ix_tasks_client_id_id", "client_id", "id"),
         Index("ix_tasks_agent_id", "assigned_agent", "id"),
         Index("ix_tasks_created_at", "created_at"),

@@ -69,6 +69,12 @@ class BulkMoves(TaskrailBase):
         flt = TaskFilter.build(**filters)
         return listing.list_tasks(self.db, flt, check_limit(limit))
 
+    def inbox(self, *, limit: int = c.DEFAULT_LIST_LIMIT) -> tuple[list[TaskRecord], int]:
+        """The escalations inbox: escalated tasks, the unclaimed first, then the oldest
+        first, at most ``limit``; and how many tasks are escalated. Raises InvalidFilter.
+        """
+        return listing.inbox(self.db, check_limit(limit))
+
     def retry_many(
         self,
         *,

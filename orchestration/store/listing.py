@@ -16,11 +16,11 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, and_, func, select
 
 from orchestration.filters import TaskFilter
-from orchestration.models import tasks_table
+from orchestration.models import TaskStatus, tasks_table
 from orchestration.store.db import Database
 from orchestration.store.records import TaskRecord
 
-__all__ = ["count_tasks", "list_tasks", "page_ids", "where"]
+__all__ = ["count_tasks", "inbox", "list_tasks", "page_ids", "where"]
 
 _t = tasks_table.c
 
@@ -88,3 +88,33 @@ def page_ids(db: Database, flt: TaskFilter, batch: int) -> Iterator[list[int]]:
         if len(ids) < batch:
             return
         after = ids[-1]
+
+
+def inbox_query(limit: int, *, claimed: bool) -> Select[Any]:
+    """Escalated tasks, unclaimed or claimed, the oldest first: ``ix_tasks_status_id``
+    read forwards, each row checked for its claim."""
+    claim = _t.claimed_by.is_not(None) if claimed else _t.claimed_by.is_(None)
+    return (
+        select(tasks_table)
+        .where(_t.status == TaskStatus.ESCALATED, claim)
+        .order_by(_t.id)
+        .limit(limit)
+    )
+
+
+def inbox(db: Database, limit: int) -> tuple[list[TaskRecord], int]:
+    """The first ``limit`` tasks of the escalations inbox (the unclaimed first, then the
+    claimed, each the oldest first), and how many tasks are escalated.
+
+    Two reads that each stop after their rows, instead of one ordered by the claim,
+    which would sort every escalated task.
+    """
+    escalated = TaskFilter(statuses=(TaskStatus.ESCALATED,))
+    with db.connect() as conn:
+        rows = list(conn.execute(inbox_query(limit, claimed=False)).mappings())
+        if len(rows) < limit:
+            rows += conn.execute(inbox_query(limit - len(rows), claimed=True)).mappings()
+        total = conn.execute(
+            select(func.count()).select_from(tasks_table).where(where(escalated))
+        ).scalar_one()
+    return [TaskRecord.from_row(row) for row in rows], int(total)

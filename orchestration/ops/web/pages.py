@@ -15,7 +15,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from orchestration import constants as c
 from orchestration.api import Taskrail
 from orchestration.breakers import BreakerInfo
 from orchestration.errors import InputError, TaskrailError
@@ -26,9 +25,8 @@ from orchestration.ops.web.chart import Chart, bar_chart, hourly_throughput
 from orchestration.ops.web.queries import ListQuery, task_id_from
 from orchestration.store.records import EventRecord, TaskRecord
 
-# The inbox reads escalated tasks a page of MAX_LIST_LIMIT at a time, up to this many,
-# to put the unclaimed and the oldest first; it shows the first INBOX_ROWS of them.
-INBOX_SCAN = 10 * c.MAX_LIST_LIMIT
+# The inbox shows this many escalated tasks, the unclaimed first, then the oldest
+# (one query on the index ix_tasks_inbox).
 INBOX_ROWS = 200
 
 DONE = {
@@ -200,23 +198,12 @@ async def task(request: Request) -> Response:
 class Inbox:
     tasks: list[TaskRecord]
     total: int
-    scanned_all: bool
 
 
 def read_inbox(trail: Taskrail) -> Inbox:
     """Escalated tasks, the unclaimed first, then the oldest first (by id)."""
-    found: list[TaskRecord] = []
-    after = None
-    scanned_all = False
-    while len(found) < INBOX_SCAN:
-        page = trail.list_tasks(status="escalated", limit=c.MAX_LIST_LIMIT, after=after)
-        found += page
-        if len(page) < c.MAX_LIST_LIMIT:
-            scanned_all = True
-            break
-        after = page[-1].id
-    found.sort(key=lambda t: (t.claimed_by is not None, t.id))
-    return Inbox(found[:INBOX_ROWS], len(found), scanned_all)
+    tasks, total = trail.inbox(limit=INBOX_ROWS)
+    return Inbox(tasks, total)
 
 
 async def render_inbox(

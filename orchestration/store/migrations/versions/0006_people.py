@@ -5,8 +5,8 @@
 - ``task_events.actor`` / ``note``: who made the move (a worker or a person) and what
   they said; existing events get their worker as actor;
 - indexes for ``taskrail list`` and the console: newest first (by id) within a status,
-  task type, client, agent or claimer, and by creation time for ``--since``. The
-  single-column client index becomes (client_id, id).
+  task type, status and type, client, agent or claimer, and by creation time for
+  ``--since``. The single-column client index becomes (client_id, id).
 
 On SQLite, changing the check constraint rebuilds ``tasks`` (copy, drop, rename); with
 foreign keys on (as taskrail connects) dropping the old table would delete every
@@ -57,10 +57,14 @@ def upgrade() -> None:
         postgresql_where=sa.text("claimed_by IS NOT NULL"),
         sqlite_where=sa.text("claimed_by IS NOT NULL"),
     )
+    # A status and a type whose tasks all lie far back (an old incident's failures):
+    # without it the planner walks the primary key through every newer task.
+    op.create_index("ix_tasks_status_type_id", "tasks", ["status", "task_type", "id"])
 
 
 def downgrade() -> None:
     for name in (
+        "ix_tasks_status_type_id",
         "ix_tasks_claimed_by_id",
         "ix_tasks_created_at",
         "ix_tasks_agent_id",
