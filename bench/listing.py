@@ -22,9 +22,12 @@ here), databases 9 (the broker) and 10 (breaker state), which it flushes.
   page (``after`` = the middle id of what the filter matches). ``--runs`` timed calls
   of the API (after 3 untimed), median and p95, and the ``EXPLAIN (ANALYZE, BUFFERS)``
   of the page's query (``orchestration.store.listing.list_query``). Goal: a page in < 50 ms (p95
-  of the API call). Also the console's escalation inbox (unclaimed first, oldest
-  first) asked two ways, and the first way again with a partial index made for it
-  (``bench_probe_inbox``, dropped after), for the console to choose from.
+  of the API call). The status+type pages (the old incident's among them) are served
+  by the schema's ``ix_tasks_status_type_id``.
+- **inbox**: the console's escalations inbox, ``Taskrail.inbox(limit=200)`` (the
+  console's) and ``limit=50``: ``--runs`` timed calls, what it returns checked, and the
+  ``EXPLAIN (ANALYZE, BUFFERS)`` of its unclaimed read, its claimed read and its count.
+  Held to the same 50 ms.
 - **bulk**: ``Taskrail.cancel_many(status="pending")`` over the ``--bulk`` pending
   tasks, then ``Taskrail.retry_many(status="failed", task_type=<the big type>)`` over
   the ``--bulk`` failed ones, publishing every assign hop to the real broker; tasks/s
@@ -243,6 +246,7 @@ def cases() -> list[tuple[str, dict[str, Any]]]:
         ("status=failed,escalated", {"status": ["failed", "escalated"]}),
         (f"status=failed type={BIG_TYPE}", {"status": "failed", "task_type": BIG_TYPE}),
         (f"status=failed type={RARE_TYPE}", {"status": "failed", "task_type": RARE_TYPE}),
+        # the old incident: its failures all lie far back (ix_tasks_status_type_id)
         (f"status=failed type={OLD_TYPE}", {"status": "failed", "task_type": OLD_TYPE}),
         ("client=4242", {"client_id": 4242}),
         ("agent=books_agent", {"agent": "books_agent"}),
@@ -295,11 +299,8 @@ def report(label: str, page: str, times: list[float], rows: int, plan: list[str]
             "path": access_path(plan), "ok": p95 < GOAL_PAGE_MS}  # fmt: skip
 
 
-STATUS_TYPE_INDEX = "bench_probe_status_type"
-
-
 def lists(tr: Any, runs: int) -> list[dict[str, Any]]:
-    from sqlalchemy import select, text
+    from sqlalchemy import select
 
     from orchestration.filters import TaskFilter
     from orchestration.models import tasks_table
@@ -312,8 +313,7 @@ def lists(tr: Any, runs: int) -> list[dict[str, Any]]:
     )
     out = []
     with tr.db.connect() as conn:
-
-        def pages(label: str, kwargs: dict[str, Any], **extra: Any) -> None:
+        for label, kwargs in cases():
             flt = TaskFilter.build(**kwargs)
             matched = conn.execute(
                 select(sqlalchemy.func.count()).select_from(tasks_table).where(where(flt))
@@ -327,137 +327,114 @@ def lists(tr: Any, runs: int) -> list[dict[str, Any]]:
                 )
                 page_flt = TaskFilter.build(**kwargs, after=after)
                 plan, ms = plan_of(conn, list_query(page_flt, PAGE))
-                result = report(f"{label} ({matched})", page, times, len(got), plan, ms)
-                out.append(result | extra)
-
-        for label, kwargs in cases():
-            pages(label, kwargs)
-
-        # A filter on status and type walks one column's index and filters on the other;
-        # timed again with an index on both (unless the schema has one), then dropped.
-        has_index = conn.execute(
-            text(
-                "SELECT count(*) FROM pg_indexes WHERE tablename = 'tasks' "
-                "AND indexdef LIKE '%(status, task_type%'"
-            )
-        ).scalar_one()
-        if not has_index:
-            conn.execute(text(f"CREATE INDEX {STATUS_TYPE_INDEX} ON tasks (status, task_type, id)"))
-            conn.execute(text("ANALYZE tasks"))
-            conn.commit()
-            print(f"  with a probe index {STATUS_TYPE_INDEX} ON tasks (status, task_type, id):")
-            for label, kwargs in cases():
-                if "status" in kwargs and "task_type" in kwargs:
-                    pages(f"{label} + probe", kwargs, probe=True)
-            conn.execute(text(f"DROP INDEX {STATUS_TYPE_INDEX}"))
-            conn.commit()
-
-        out += inbox(conn, runs)
+                out.append(report(f"{label} ({matched})", page, times, len(got), plan, ms))
     return out
 
 
-INBOX_INDEX = "bench_probe_inbox"
+INBOX_LIMITS = (200, 50)  # the console's INBOX_ROWS, and the API's default
 
 
-def inbox(conn: Any, runs: int) -> list[dict[str, Any]]:
-    """The console's escalation inbox (unclaimed first, oldest first), asked two ways:
-    one query ordered by ``claimed_by IS NOT NULL, id`` (keyset on that pair), and the
-    unclaimed ones alone by id (the claimed ones are then a ``claimed_by`` list). The
-    first is timed again with a partial index made for it in this database (unless
-    the schema has an index for escalated tasks already), then the index is dropped."""
-    from sqlalchemy import select, text, tuple_
+def inbox(tr: Any, runs: int) -> list[dict[str, Any]]:
+    """The console's escalations inbox, ``Taskrail.inbox(limit=n)``: ``runs`` timed calls
+    (after WARMUP untimed), what it returned checked (escalated tasks only, the unclaimed
+    first, each group oldest first, the count), and the ``EXPLAIN (ANALYZE, BUFFERS)`` of
+    its three statements: the unclaimed read and the claimed read
+    (``listing.inbox_query``; the claimed read runs only when fewer than ``n`` tasks are
+    unclaimed, and is explained at ``n`` either way) and the count of escalated tasks
+    (built here as ``listing.inbox`` builds it)."""
+    from sqlalchemy import select
 
-    from orchestration.models import tasks_table
+    from orchestration.filters import TaskFilter
+    from orchestration.models import TaskStatus, tasks_table
+    from orchestration.store.listing import inbox_query, where
 
     t = tasks_table.c
-    esc, claimed = t.status == "escalated", t.claimed_by.is_not(None)
-    waiting = (esc, t.claimed_by.is_(None))
-    n = conn.execute(
-        select(sqlalchemy.func.count()).select_from(tasks_table).where(*waiting)
-    ).scalar_one()
-    middle = conn.execute(
-        select(t.id).where(*waiting).order_by(t.id).offset(n // 2).limit(1)
-    ).scalar()
-
-    def one_query(after: int) -> Any:
-        keyset = tuple_(claimed, t.id) > tuple_(False, after)
-        return select(tasks_table).where(esc, keyset).order_by(claimed, t.id).limit(PAGE)
-
-    def unclaimed(after: int) -> Any:
-        return select(tasks_table).where(*waiting, t.id > after).order_by(t.id).limit(PAGE)
-
-    shapes = [("inbox, one query ORDER BY claimed", one_query)]
-    shapes.append(("inbox, unclaimed only, by id", unclaimed))
-    has_index = conn.execute(
-        text(
-            "SELECT count(*) FROM pg_indexes WHERE tablename = 'tasks' "
-            "AND indexdef LIKE '%WHERE%escalated%'"
-        )
-    ).scalar_one()
-    if not has_index:
-        shapes.append(("inbox, one query + probe index", one_query))
+    escalated = where(TaskFilter(statuses=(TaskStatus.ESCALATED,)))
+    count = select(sqlalchemy.func.count()).select_from(tasks_table).where(escalated)
+    print(
+        f"inbox: Taskrail.inbox(limit=n), {runs} timed calls each after {WARMUP} untimed; "
+        "EXPLAIN of its two reads and its count"
+    )
     out = []
-    for label, shape in shapes:
-        if label.endswith("probe index"):
-            conn.execute(
-                text(
-                    f"CREATE INDEX {INBOX_INDEX} ON tasks ((claimed_by IS NOT NULL), id) "
-                    "WHERE status = 'escalated'"
-                )
+    with tr.db.connect() as conn:
+        total = conn.execute(count).scalar_one()
+        unclaimed = conn.execute(
+            select(sqlalchemy.func.count())
+            .select_from(tasks_table)
+            .where(escalated, t.claimed_by.is_(None))
+        ).scalar_one()
+        print(f"  {total} escalated tasks, {unclaimed} of them unclaimed")
+        for n in INBOX_LIMITS:
+            times, (tasks, got_total) = timed(lambda n=n: tr.inbox(limit=n), runs)
+            order = [(task.claimed_by is not None, task.id) for task in tasks]
+            right = (
+                len(tasks) == min(n, total)
+                and got_total == total
+                and all(task.status == TaskStatus.ESCALATED for task in tasks)
+                and order == sorted(order)
             )
-            conn.execute(text("ANALYZE tasks"))
-            conn.commit()
-        for page, after in (("first", 0), ("deep", middle)):
-            stmt = shape(after)
-            times, got = timed(lambda s=stmt: conn.execute(s).all(), runs)
-            plan, ms = plan_of(conn, stmt)
-            out.append(report(label, page, times, len(got), plan, ms) | {"inbox": True})
-    if not has_index:
-        conn.execute(text(f"DROP INDEX {INBOX_INDEX}"))
-        conn.commit()
+            p50, p95 = cm.median(times), cm.pct(times, 95)
+            ok = p95 < GOAL_PAGE_MS and right
+            print(
+                f"  inbox(limit={n}): {len(tasks)} rows, total {got_total}  API median "
+                f"{p50:6.2f} ms  p95 {p95:6.2f} ms  checks {'as expected' if right else 'WRONG'}"
+                f"  {'PASS' if ok else 'FAIL'}"
+            )
+            reads = []
+            for name, stmt, runs_here in (
+                ("unclaimed", inbox_query(n, claimed=False), True),
+                ("claimed", inbox_query(n, claimed=True), unclaimed < n),
+                ("count", count, True),
+            ):
+                plan, ms = plan_of(conn, stmt)
+                ran = "" if runs_here else f" (not run: {unclaimed} unclaimed >= {n})"
+                print(f"    {name} read{ran}: EXPLAIN ANALYZE {ms:.2f} ms")
+                for line in plan:
+                    if not line.startswith("Planning"):
+                        print(f"      {line}")
+                reads.append({"name": name, "ran": runs_here, "ms": ms, "path": access_path(plan)})
+            out.append({"limit": n, "rows": len(tasks), "total": got_total, "p50": p50,
+                        "p95": p95, "ok": ok, "reads": reads})  # fmt: skip
     return out
 
 
-def summary(results: list[dict[str, Any]]) -> None:
-    print()
-    print(f"== pages of {PAGE}: API p50 / p95 ms (EXPLAIN ANALYZE ms), first and deep page ==")
-    by_label: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in results:
-        by_label.setdefault(r["label"], {})[r["page"]] = r
-
-    def line(label: str, pages: dict[str, dict[str, Any]]) -> None:
-        cells = [
-            f"{p['p50']:6.2f} / {p['p95']:6.2f} ({p['plan_ms']:6.2f})"
-            for p in (pages["first"], pages["deep"])
-        ]
-        ok = all(p["ok"] for p in pages.values())
-        path = pages["first"]["path"]
-        if pages["deep"]["path"] != path:
-            path += f"; deep: {pages['deep']['path']}"
-        print(f"  {label:48s} {cells[0]}   {cells[1]}  {'PASS' if ok else 'FAIL'}  {path}")
-
-    inbox = {k: v for k, v in by_label.items() if v["first"].get("inbox")}
-    probes = {k: v for k, v in by_label.items() if v["first"].get("probe")}
-    for label, pages in by_label.items():
-        if label not in inbox and label not in probes:
-            line(label, pages)
-    listed = [r for r in results if not r.get("inbox") and not r.get("probe")]
-    worst = max(listed, key=lambda r: r["p95"])
-    verdict = "MET" if all(r["ok"] for r in listed) else "NOT MET"
-    print(
-        f"  goal a page of list_tasks in < {GOAL_PAGE_MS:.0f} ms: {verdict} (slowest p95 "
-        f"{worst['p95']:.2f} ms: {worst['label']}, {worst['page']} page)"
-    )
-    if probes:
+def summary(pages: list[dict[str, Any]], inboxes: list[dict[str, Any]]) -> None:
+    if pages:
+        print()
+        print(f"== pages of {PAGE}: API p50 / p95 ms (EXPLAIN ANALYZE ms), first and deep page ==")
+        by_label: dict[str, dict[str, dict[str, Any]]] = {}
+        for r in pages:
+            by_label.setdefault(r["label"], {})[r["page"]] = r
+        for label, both in by_label.items():
+            cells = [
+                f"{p['p50']:6.2f} / {p['p95']:6.2f} ({p['plan_ms']:6.2f})"
+                for p in (both["first"], both["deep"])
+            ]
+            ok = all(p["ok"] for p in both.values())
+            path = both["first"]["path"]
+            if both["deep"]["path"] != path:
+                path += f"; deep: {both['deep']['path']}"
+            print(f"  {label:48s} {cells[0]}   {cells[1]}  {'PASS' if ok else 'FAIL'}  {path}")
+        worst = max(pages, key=lambda r: r["p95"])
+        verdict = "MET" if all(r["ok"] for r in pages) else "NOT MET"
         print(
-            f"  with a probe index {STATUS_TYPE_INDEX} (status, task_type, id), not in the schema:"
+            f"  goal a page of list_tasks in < {GOAL_PAGE_MS:.0f} ms: {verdict} (slowest p95 "
+            f"{worst['p95']:.2f} ms: {worst['label']}, {worst['page']} page)"
         )
-        for label, pages in probes.items():
-            line(label, pages)
-    if inbox:
-        print("  the console's inbox, unclaimed first, oldest first (not list_tasks; no goal):")
-        for label, pages in inbox.items():
-            line(label, pages)
+    if inboxes:
+        print()
+        print("== the console's inbox, Taskrail.inbox: API p50 / p95 ms; EXPLAIN ANALYZE ms ==")
+        for r in inboxes:
+            reads = "  ".join(
+                f"{x['name']} {x['ms']:.2f}{'' if x['ran'] else ' (not run)'} ({x['path']})"
+                for x in r["reads"]
+            )
+            print(
+                f"  inbox(limit={r['limit']}) {r['rows']} of {r['total']}  {r['p50']:6.2f} / "
+                f"{r['p95']:6.2f}  {'PASS' if r['ok'] else 'FAIL'}  {reads}"
+            )
+        verdict = "MET" if all(r["ok"] for r in inboxes) else "NOT MET"
+        print(f"  goal the inbox page in < {GOAL_PAGE_MS:.0f} ms: {verdict}")
 
 
 # -- bulk ------------------------------------------------------------------------------
@@ -655,7 +632,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=30, help="timed calls per page")
     ap.add_argument("--bulk", type=int, default=10_000, help="tasks retried, and cancelled")
     ap.add_argument("--bulk-rounds", type=int, default=3, help="rounds of the bulk moves")
-    ap.add_argument("--skip", default="", help="comma-separated: lists, bulk")
+    ap.add_argument("--skip", default="", help="lists (pages and inbox), bulk")
     ap.add_argument("--log-level", default="WARNING", help="taskrail's (the CLI's: WARNING)")
     ap.add_argument("--keep", action="store_true", help="keep the database (its name printed)")
     args = ap.parse_args()
@@ -704,7 +681,7 @@ def main() -> None:
             dispatcher = TimedDispatcher(make_celery(settings))
             tr = Taskrail(settings, dispatcher=dispatcher)
             if "lists" not in skip:
-                summary(lists(tr, args.runs))
+                summary(lists(tr, args.runs), inbox(tr, args.runs))
                 print()
             if "bulk" not in skip:
                 bulk(tr, dispatcher, args.bulk, args.bulk_rounds)
