@@ -11,9 +11,20 @@
         return {"refund": 120}
 
 A handler gets a read-only :class:`TaskView` and returns a JSON-serialisable result.
-It may run more than once for one task (a worker that dies mid-call is replaced, and
-the call is made again), so outside effects should be idempotent. A long handler reads
-``task.cancelled`` between its steps and stops when it turns true (the task was
+It may be an ``async def`` (or a callable whose ``__call__`` is one)::
+
+    @agent("tax_service_agent", task_types=["tax_lookup"], time_limit_s=30)
+    async def look_up(task):
+        async with httpx.AsyncClient() as client:
+            reply = await client.get(URL, headers={"Idempotency-Key": task.idempotency_key})
+        return reply.json()
+
+An async handler is cancelled (``asyncio.CancelledError`` at its ``await``) at its time
+limit and when its task is cancelled.
+
+A handler may run more than once for one task (a worker that dies mid-call is replaced,
+and the call is made again), so outside effects should be idempotent. A long handler
+reads ``task.cancelled`` between its steps and stops when it turns true (the task was
 cancelled): whatever it returns then is discarded.
 
 - ``Escalate(reason)``: a human must look; the task ends ``escalated``.
@@ -26,7 +37,9 @@ import them with :func:`load_agent_modules`.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -135,10 +148,30 @@ class AgentSpec:
     max_deferral_s: float = c.DEFAULT_MAX_DEFERRAL_S
     # Exceptions that do not count as a failure of the downstream for its breaker.
     breaker_excludes: tuple[type[BaseException], ...] = field(default=())
+    # The handler is a coroutine function: it is run on an event loop (workers.calls).
+    is_async: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "is_async", is_coroutine_handler(self.handler))
 
     @property
     def breaker_name(self) -> str:
         return f"agent:{self.name}"
+
+
+def is_coroutine_handler(handler: object) -> bool:
+    """True for an ``async def`` function or method, a ``functools.partial`` of one, or an
+    object whose ``__call__`` is one: a handler whose call returns a coroutine to await.
+
+    A plain function that returns an awaitable is not one (its call is its result, and
+    the worker refuses an awaitable result with the reason)."""
+    while isinstance(handler, functools.partial):
+        handler = handler.func
+    if inspect.iscoroutinefunction(handler):
+        return True
+    if inspect.isroutine(handler) or isinstance(handler, type):
+        return False
+    return callable(handler) and inspect.iscoroutinefunction(type(handler).__call__)
 
 
 class AgentRegistry:
@@ -218,7 +251,8 @@ def agent(
     max_deferral_s: float = c.DEFAULT_MAX_DEFERRAL_S,
     breaker_excludes: Iterable[type[BaseException]] = (),
 ) -> Callable[[Handler], Handler]:
-    """Register the decorated function as agent ``name`` for ``task_types``."""
+    """Register the decorated function (plain or ``async def``) as agent ``name`` for
+    ``task_types``."""
     types = tuple(task_types)
     if not types:
         raise ConfigurationError(f"agent {name!r} handles no task type")

@@ -14,12 +14,21 @@ A run whose view is cancelled (``TaskView.cancelled``: the lease keeper found it
 cancelled, or its lease lost) ends the wait as well, within ``STOP_CHECK_S``: the hop
 gets a ``cancelled`` outcome, a thread's late result is discarded, a child process is
 killed.
+
+An ``async def`` handler (``AgentSpec.is_async``) runs the same way, on an event loop of
+its own in its call thread (:func:`_run_async`), which also cancels the coroutine at the
+time limit and once the run is cancelled: the handler sees ``asyncio.CancelledError`` at
+its ``await``. A coroutine that swallows the cancel is cancelled again after
+``RECANCEL_AFTER_S``; one that goes on regardless is left like a hung sync handler
+(its thread kept, its result discarded).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import enum
+import inspect
 import json
 import os
 import signal
@@ -45,6 +54,13 @@ ISOLATED_START_GRACE_S = 10.0
 # How often a hop waiting for a handler looks whether the run was cancelled (the lease
 # keeper sets the flag; this only bounds how long the hop goes on waiting after that).
 STOP_CHECK_S = 0.25
+# How often an async handler's event loop looks whether its run was cancelled.
+ASYNC_STOP_CHECK_S = 0.05
+# A coroutine still running this long after it was cancelled is cancelled again (a
+# cancel can be swallowed: asyncio.wait_for on Python 3.11, some clients), at most
+# RECANCEL_TIMES times; after that it is left to end by itself.
+RECANCEL_AFTER_S = 1.0
+RECANCEL_TIMES = 3
 
 
 class Kind(enum.StrEnum):
@@ -104,12 +120,79 @@ def discarded(task_id: int, handler: str, reason: str) -> None:
 
 
 def _discard_late(future: Future[Any], task_id: int, reason: str) -> None:
-    outcome = "raised" if future.exception() is not None else "returned"
+    err = future.exception()
+    if isinstance(err, _Abandoned):  # an async handler, cancelled by its loop
+        outcome = err.handler
+    else:
+        outcome = "raised" if err is not None else "returned"
     discarded(task_id, outcome, reason)
 
 
 class _Stopped(Exception):
     """The run was cancelled while the hop waited for it."""
+
+
+class _Abandoned(Exception):
+    """An async handler's coroutine was cancelled by its event loop: ``why`` is
+    CANCELLED_REASON or TIME_LIMIT; ``handler`` what the coroutine then did (``cancelled``:
+    it ended with CancelledError; ``returned`` or ``raised``: it swallowed the cancel)."""
+
+    def __init__(self, why: str, handler: str) -> None:
+        self.why = why
+        self.handler = handler
+        super().__init__(why, handler)
+
+
+def _run_async(spec: AgentSpec, view: TaskView, deadline: float) -> Any:
+    """Run ``spec``'s async handler on a new event loop in this thread; its result, or
+    what it raised. Raises _Abandoned once the loop cancelled it (``deadline`` on the
+    monotonic clock passed, or ``view`` was cancelled)."""
+    return asyncio.run(_supervise(spec, view, deadline))
+
+
+async def _supervise(spec: AgentSpec, view: TaskView, deadline: float) -> Any:
+    running = asyncio.ensure_future(spec.handler(view))
+    why = ""
+    cancels = 0
+    recancel_at = 0.0
+    while not running.done():
+        now = time.monotonic()
+        if not why:
+            if view.cancelled:
+                why = CANCELLED_REASON
+            elif now >= deadline:
+                why = TIME_LIMIT
+            if why:
+                running.cancel()
+                recancel_at = now + RECANCEL_AFTER_S
+        elif now >= recancel_at and cancels < RECANCEL_TIMES:
+            cancels += 1
+            recancel_at = now + RECANCEL_AFTER_S
+            running.cancel()
+            if cancels == RECANCEL_TIMES:
+                log.warning("handler_ignores_cancel", task_id=view.id, reason=why)
+        pause_s = ASYNC_STOP_CHECK_S if why else min(ASYNC_STOP_CHECK_S, deadline - now)
+        await asyncio.wait({running}, timeout=max(0.0, pause_s))
+    if not why:
+        return running.result()
+    if running.cancelled():
+        raise _Abandoned(why, "cancelled")
+    raise _Abandoned(why, "raised" if running.exception() is not None else "returned")
+
+
+def not_awaited(spec: AgentSpec, result: Any) -> CallOutcome:
+    """The outcome of a sync handler that returned ``result``, an awaitable: refused (it
+    would never run), closed so that Python does not warn about it."""
+    close = getattr(result, "close", None)
+    if inspect.iscoroutine(result) and callable(close):
+        close()
+    return CallOutcome(
+        Kind.PERMANENT,
+        reason=(
+            f"the handler of agent {spec.name!r} returned {type(result).__name__} "
+            "(an awaitable), not a result: make it an async def, or await it inside"
+        ),
+    )
 
 
 def _wait(future: Future[Any], view: TaskView, time_limit_s: float) -> Any:
@@ -137,12 +220,23 @@ def call(spec: AgentSpec, view: TaskView) -> CallOutcome:
     or until ``view`` is cancelled.
 
     Whatever the handler raises is its outcome; what interrupts the wait itself (the
-    worker shutting down) propagates.
+    worker shutting down) propagates. An async handler is run by :func:`_run_async`; a
+    sync handler that returns an awaitable fails permanently with the reason.
     """
     context = contextvars.copy_context()
-    future = _handler_pool().submit(context.run, spec.handler, view)
+    if spec.is_async:
+        deadline = time.monotonic() + spec.time_limit_s
+        future = _handler_pool().submit(context.run, _run_async, spec, view, deadline)
+    else:
+        future = _handler_pool().submit(context.run, spec.handler, view)
     try:
         result = _wait(future, view, spec.time_limit_s)
+    except _Abandoned as err:  # the loop cancelled it before the hop stopped waiting
+        if err.why == TIME_LIMIT:
+            discarded(view.id, err.handler, TIME_LIMIT)
+            return CallOutcome(Kind.TIMEOUT, reason=time_limit_reason(spec))
+        discarded(view.id, err.handler, CANCELLED_REASON)
+        return CallOutcome(Kind.CANCELLED, reason=CANCELLED_REASON)
     except _Stopped:
         future.add_done_callback(lambda f: _discard_late(f, view.id, CANCELLED_REASON))
         return CallOutcome(Kind.CANCELLED, reason=CANCELLED_REASON)
@@ -155,6 +249,8 @@ def call(spec: AgentSpec, view: TaskView) -> CallOutcome:
         # The handler raised it: SystemExit or KeyboardInterrupt from a handler are its
         # failures too, not this worker's; its own TimeoutError is a transient error.
         return classify(err)
+    if inspect.isawaitable(result):
+        return not_awaited(spec, result)
     return CallOutcome(Kind.RESULT, result=result)
 
 
