@@ -129,6 +129,16 @@ class Task(Base):
             postgresql_where=text("claimed_by IS NOT NULL"),
             sqlite_where=text("claimed_by IS NOT NULL"),
         ),
+        # The escalations inbox: the unclaimed, then the claimed, each by id.
+        *(
+            Index(
+                f"ix_tasks_escalated_{name}",
+                "id",
+                postgresql_where=text(f"status = 'escalated' AND claimed_by {claim}"),
+                sqlite_where=text(f"status = 'escalated' AND claimed_by {claim}"),
+            )
+            for name, claim in (("unclaimed", "IS NULL"), ("claimed", "IS NOT NULL"))
+        ),
     )
 
     id: Mapped[int] = mapped_column(Id, primary_key=True, autoincrement=True)

@@ -91,8 +91,8 @@ def page_ids(db: Database, flt: TaskFilter, batch: int) -> Iterator[list[int]]:
 
 
 def inbox_query(limit: int, *, claimed: bool) -> Select[Any]:
-    """Escalated tasks, unclaimed or claimed, the oldest first: ``ix_tasks_status_id``
-    read forwards, each row checked for its claim."""
+    """Escalated tasks, unclaimed or claimed, the oldest first: the partial index
+    ``ix_tasks_escalated_unclaimed`` or ``ix_tasks_escalated_claimed`` read forwards."""
     claim = _t.claimed_by.is_not(None) if claimed else _t.claimed_by.is_(None)
     return (
         select(tasks_table)

@@ -26,7 +26,7 @@ from orchestration.ops.web.queries import ListQuery, task_id_from
 from orchestration.store.records import EventRecord, TaskRecord
 
 # The inbox shows this many escalated tasks, the unclaimed first, then the oldest
-# (one query on the index ix_tasks_inbox).
+# (Taskrail.inbox: two reads of small partial indexes).
 INBOX_ROWS = 200
 
 DONE = {

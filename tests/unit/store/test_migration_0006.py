@@ -21,6 +21,8 @@ NEW_INDEXES = {
     "ix_tasks_status_id": ["status", "id"],
     "ix_tasks_type_id": ["task_type", "id"],
     "ix_tasks_status_type_id": ["status", "task_type", "id"],
+    "ix_tasks_escalated_unclaimed": ["id"],
+    "ix_tasks_escalated_claimed": ["id"],
     "ix_tasks_client_id_id": ["client_id", "id"],
     "ix_tasks_agent_id": ["assigned_agent", "id"],
     "ix_tasks_created_at": ["created_at"],

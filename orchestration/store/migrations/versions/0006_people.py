@@ -6,7 +6,8 @@
   they said; existing events get their worker as actor;
 - indexes for ``taskrail list`` and the console: newest first (by id) within a status,
   task type, status and type, client, agent or claimer, and by creation time for
-  ``--since``. The single-column client index becomes (client_id, id).
+  ``--since``; the escalations inbox (partial: escalated tasks, unclaimed or claimed).
+  The single-column client index becomes (client_id, id).
 
 On SQLite, changing the check constraint rebuilds ``tasks`` (copy, drop, rename); with
 foreign keys on (as taskrail connects) dropping the old table would delete every
@@ -32,6 +33,12 @@ depends_on = None
 
 _OLD = "status IN ('pending','assigned','in_progress','completed','failed','escalated')"
 _NEW = "status IN ('pending','assigned','in_progress','completed','failed','escalated','cancelled')"
+
+
+_INBOX_INDEXES = {
+    "ix_tasks_escalated_unclaimed": "IS NULL",
+    "ix_tasks_escalated_claimed": "IS NOT NULL",
+}
 
 
 def upgrade() -> None:
@@ -60,10 +67,21 @@ def upgrade() -> None:
     # A status and a type whose tasks all lie far back (an old incident's failures):
     # without it the planner walks the primary key through every newer task.
     op.create_index("ix_tasks_status_type_id", "tasks", ["status", "task_type", "id"])
+    # The escalations inbox: unclaimed, then claimed, each by id; only escalated tasks
+    # are in them, so the hops' writes never touch them.
+    for name, claim in _INBOX_INDEXES.items():
+        op.create_index(
+            name,
+            "tasks",
+            ["id"],
+            postgresql_where=sa.text(f"status = 'escalated' AND claimed_by {claim}"),
+            sqlite_where=sa.text(f"status = 'escalated' AND claimed_by {claim}"),
+        )
 
 
 def downgrade() -> None:
     for name in (
+        *_INBOX_INDEXES,
         "ix_tasks_status_type_id",
         "ix_tasks_claimed_by_id",
         "ix_tasks_created_at",
