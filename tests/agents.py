@@ -5,6 +5,7 @@ Loaded with ``TASKRAIL_AGENTS=demo_agents,tests.agents``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -13,7 +14,7 @@ from typing import Any
 
 import redis
 
-from orchestration.agents import TaskView, agent
+from orchestration.agents import Escalate, PermanentError, TaskView, agent
 
 
 def key(name: str) -> str:
@@ -220,3 +221,64 @@ def stubborn(task: TaskView) -> dict[str, Any]:
     time.sleep(float(task.payload.get("sleep_s", 5)))
     counter.set(key(f"returned:{task.id}"), 1)
     return {"ignored": "the cancel"}
+
+
+# -- async handlers (tests/integration/test_async_agents.py) ------------------------------
+
+
+@agent("async_echo_agent", task_types=["async_echo"])
+async def async_echo(task: TaskView) -> dict[str, Any]:
+    """Counts the call (``calls:<id>``, ``pid:<id>``), awaits ``sleep_s`` (default 0.2) and
+    returns its payload, saying it ran on an event loop."""
+    _note_start(task)
+    await asyncio.sleep(float(task.payload.get("sleep_s", 0.2)))
+    loop = asyncio.get_running_loop()
+    return {"echo": dict(task.payload), "attempt": task.attempt, "loop": loop.is_running()}
+
+
+@agent("async_outcome_agent", task_types=["async_outcome"], max_attempts=3, fail_max=100)
+async def async_outcome(task: TaskView) -> dict[str, Any]:
+    """Counts the call, then, after an await, does what ``do`` says: ``escalate``,
+    ``permanent``, or ``flaky`` (a ConnectionError on each of the first ``fail_times``
+    calls, then a result)."""
+    counter = _note_start(task)
+    await asyncio.sleep(0.01)
+    do = task.payload.get("do")
+    if do == "escalate":
+        raise Escalate("missing W-2 (async)")
+    if do == "permanent":
+        raise PermanentError("invalid account (async)")
+    calls = int(counter.get(key(f"calls:{task.id}")) or 0)
+    if do == "flaky" and calls <= int(task.payload.get("fail_times", 2)):
+        raise ConnectionError(f"tax service unreachable (call {calls})")
+    return {"calls": calls, "attempt": task.attempt}
+
+
+@agent("async_hang_agent", task_types=["async_hang"], time_limit_s=2, max_attempts=2)
+async def async_hang(task: TaskView) -> dict[str, Any]:
+    """Awaits for an hour past its 2 s time limit; counts starts (``calls:<id>``), the
+    cancels it sees (``cancelled:<id>``) and finishes (``finished:<id>``)."""
+    counter = _note_start(task)
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        counter.incr(key(f"cancelled:{task.id}"))
+        raise
+    counter.incr(key(f"finished:{task.id}"))
+    return {"late": True}
+
+
+@agent("async_cancellable_agent", task_types=["async_cancellable"], max_attempts=1)
+async def async_cancellable(task: TaskView) -> dict[str, Any]:
+    """Awaits ``run_s`` (default 20 s). Notes a cancel it sees (``cancelled:<id>``, and
+    ``saw_cancel:<id>`` when ``task.cancelled`` said so too) and a return (``returned:<id>``)."""
+    counter = _note_start(task)
+    try:
+        await asyncio.sleep(float(task.payload.get("run_s", 20)))
+    except asyncio.CancelledError:
+        counter.incr(key(f"cancelled:{task.id}"))
+        if task.cancelled:
+            counter.set(key(f"saw_cancel:{task.id}"), 1)
+        raise
+    counter.set(key(f"returned:{task.id}"), 1)
+    return {"cancelled": task.cancelled}
