@@ -151,6 +151,9 @@ def _run_async(spec: AgentSpec, view: TaskView, deadline: float) -> Any:
 
 
 async def _supervise(spec: AgentSpec, view: TaskView, deadline: float) -> Any:
+    """Await the handler's coroutine as a task, looking every ASYNC_STOP_CHECK_S whether
+    ``view`` was cancelled, and cancelling it then or at ``deadline`` (again, up to
+    RECANCEL_TIMES, while it goes on)."""
     running = asyncio.ensure_future(spec.handler(view))
     why = ""
     cancels = 0
