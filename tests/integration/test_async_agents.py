@@ -7,11 +7,8 @@ limit and when the task is cancelled, and an isolated run works. The test agents
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,84 +16,17 @@ import redis
 from sqlalchemy import text
 
 from orchestration import api
-from orchestration import constants as c
 from orchestration.store.db import Database
+from tests.agent_scene import AgentScene
 from tests.agents import key
-from tests.support import WorkerFleet, drain
+from tests.support import WorkerFleet
 
 pytestmark = pytest.mark.integration
 
 BY = "ops-alice"
-HOPS = "taskrail.hops,taskrail.control"
-WAIT_S = 30.0  # generous: what it bounds takes a second or two
 
 
-@dataclass
-class Scene:
-    """One test's real servers, its workers, and the counters the test agents keep."""
-
-    pg_db: Database
-    pg_url: str
-    counter: redis.Redis
-    fleet: WorkerFleet
-
-    def deploy(self, pool: str) -> None:
-        """The Procfile's shape: a solo hop worker, and an executor on ``pool``."""
-        self.fleet.start(pool="solo", concurrency=1, queues=HOPS)
-        concurrency = {"threads": 4, "prefork": 2, "solo": 1}[pool]
-        self.fleet.start(pool=pool, concurrency=concurrency, queues=c.QUEUE_EXECUTE)
-
-    def count(self, name: str, task_id: int) -> int:
-        return int(self.counter.get(key(f"{name}:{task_id}")) or 0)
-
-    def drain(self, ids: list[int]) -> None:
-        drain(self.pg_url, ids, timeout=WAIT_S, logs=self.fleet.logs)
-
-    def wait_for(self, condition: Callable[[], Any], what: str) -> Any:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            found = condition()
-            if found:
-                return found
-            assert time.monotonic() < deadline, f"{what} (after {WAIT_S:g} s)\n{self.logs()}"
-            time.sleep(0.05)
-
-    def logs(self) -> str:
-        return self.fleet.logs()[-4000:]
-
-    def row(self, task_id: int) -> dict[str, Any]:
-        with self.pg_db.connect() as conn:
-            row = conn.execute(
-                text(
-                    "SELECT status, result, attempts, last_error, lease_owner, lease_expires_at "
-                    "FROM tasks WHERE id = :id"
-                ),
-                {"id": task_id},
-            ).mappings()
-            return dict(row.one())
-
-    def events(self, task_id: int) -> list[str]:
-        with self.pg_db.connect() as conn:
-            rows = conn.execute(
-                text("SELECT event FROM task_events WHERE task_id = :id ORDER BY id"),
-                {"id": task_id},
-            ).scalars()
-            return list(rows)
-
-    def log_lines(self, event: str, task_id: int) -> list[dict[str, Any]]:
-        """The fleet's JSON log lines of ``event`` about ``task_id``."""
-        found = []
-        for line in self.fleet.logs().splitlines():
-            if not line.startswith("{") or f'"{event}"' not in line:
-                continue
-            entry = json.loads(line)
-            if entry.get("event") == event and entry.get("task_id") == task_id:
-                found.append(entry)
-        return found
-
-    def no_lease(self, task_id: int) -> bool:
-        row = self.row(task_id)
-        return (row["lease_owner"], row["lease_expires_at"]) == (None, None)
+Scene = AgentScene
 
 
 @pytest.fixture

@@ -6,11 +6,8 @@ killed. The test agents (tests/agents.py) count what they did in the counter Red
 
 from __future__ import annotations
 
-import json
 import os
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,42 +19,17 @@ from orchestration import constants as c
 from orchestration.store.db import Database
 from orchestration.store.recovery import claim_stuck
 from orchestration.store.transitions import apply_transition
+from tests.agent_scene import HOPS, AgentScene
 from tests.agents import key
-from tests.support import WorkerFleet, drain
+from tests.support import WorkerFleet
 
 pytestmark = pytest.mark.integration
 
 BY = "ops-alice"
-HOPS = "taskrail.hops,taskrail.control"
-WAIT_S = 30.0  # generous: what it bounds takes a second or two
 
 
-@dataclass
-class Scene:
-    """One test's real servers, its workers, and the counters the test agents keep."""
-
-    pg_db: Database
-    pg_url: str
-    counter: redis.Redis
-    fleet: WorkerFleet
-
-    def count(self, name: str, task_id: int) -> int:
-        return int(self.counter.get(key(f"{name}:{task_id}")) or 0)
-
-    def noted(self, name: str, task_id: int) -> bool:
-        return self.counter.get(key(f"{name}:{task_id}")) is not None
-
-    def wait_for(self, condition: Callable[[], Any], what: str) -> Any:
-        deadline = time.monotonic() + WAIT_S
-        while True:
-            found = condition()
-            if found:
-                return found
-            assert time.monotonic() < deadline, f"{what} (after {WAIT_S:g} s)\n{self.logs()}"
-            time.sleep(0.05)
-
-    def logs(self) -> str:
-        return self.fleet.logs()[-4000:]
+class Scene(AgentScene):
+    """The scene, and what the cancel tests ask of it."""
 
     def handler_started(self, task_id: int) -> None:
         self.wait_for(lambda: self.count("calls", task_id), "the handler never started")
@@ -67,36 +39,6 @@ class Scene:
         [late] = self.wait_for(lambda: self.log_lines("late_result_discarded", task_id), what)
         return late
 
-    def row(self, task_id: int) -> dict[str, Any]:
-        with self.pg_db.connect() as conn:
-            row = conn.execute(
-                text(
-                    "SELECT status, result, attempts, last_error, lease_owner, lease_expires_at "
-                    "FROM tasks WHERE id = :id"
-                ),
-                {"id": task_id},
-            ).mappings()
-            return dict(row.one())
-
-    def events(self, task_id: int) -> list[tuple[str, str | None]]:
-        with self.pg_db.connect() as conn:
-            rows = conn.execute(
-                text("SELECT event, actor FROM task_events WHERE task_id = :id ORDER BY id"),
-                {"id": task_id},
-            ).all()
-        return [(event, actor) for event, actor in rows]
-
-    def log_lines(self, event: str, task_id: int) -> list[dict[str, Any]]:
-        """The fleet's JSON log lines of ``event`` about ``task_id``."""
-        found = []
-        for line in self.fleet.logs().splitlines():
-            if not line.startswith("{") or f'"{event}"' not in line:
-                continue
-            entry = json.loads(line)
-            if entry.get("event") == event and entry.get("task_id") == task_id:
-                found.append(entry)
-        return found
-
     def assert_cancelled_once(self, task_id: int, before: list[str]) -> None:
         """The task rests cancelled, with no result, no lease, and ``before`` then one
         cancel event by BY as its history: nothing was written after the cancel."""
@@ -104,19 +46,13 @@ class Scene:
         assert row["status"] == "cancelled"
         assert row["result"] is None
         assert (row["lease_owner"], row["lease_expires_at"]) == (None, None)
-        events = self.events(task_id)
+        events = self.events_by(task_id)
         assert [event for event, _ in events] == [*before, "cancel"]
         assert events[-1][1] == BY
 
-    def deploy(self, pool: str) -> None:
-        """The Procfile's shape: a solo hop worker, and an executor on ``pool``."""
-        self.fleet.start(pool="solo", concurrency=1, queues=HOPS)
-        concurrency = {"threads": 4, "prefork": 2, "solo": 1}[pool]
-        self.fleet.start(pool=pool, concurrency=concurrency, queues=c.QUEUE_EXECUTE)
-
     def a_later_task_completes(self) -> None:
         later = api.submit("echo", 2, {"after": "cancel"})
-        drain(self.pg_url, [later], timeout=WAIT_S, logs=self.fleet.logs)
+        self.drain([later])
         assert api.get(later).status == "completed"
 
 
