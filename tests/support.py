@@ -604,6 +604,16 @@ def record_report(report: Mapping[str, Any]) -> None:
         out.write(json.dumps(report, default=str) + "\n")
 
 
+def json_types(value: Any) -> Any:
+    """A JSON value's shape: its containers, with each scalar replaced by its type's name
+    (a float that came back an int shows)."""
+    if isinstance(value, dict):
+        return {k: json_types(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_types(v) for v in value]
+    return type(value).__name__
+
+
 def race(run: Any, producers: Iterable[Any], timeout_s: float) -> None:
     """``run(0)`` and ``run(1)`` on two threads at once; the producers are closed after."""
     import threading

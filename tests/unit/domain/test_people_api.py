@@ -37,6 +37,7 @@ from orchestration.errors import (
 from orchestration.models import TaskStatus
 from orchestration.moves import RUN_COLUMNS
 from orchestration.values import read_json
+from tests.support import json_types
 from tests.unit.domain.people_support import Backend, move_to
 
 S = TaskStatus
@@ -666,14 +667,6 @@ def valid_actor(by: Any) -> bool:
     )
 
 
-def _types(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _types(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_types(v) for v in value]
-    return type(value).__name__
-
-
 @settings(
     max_examples=120,
     deadline=None,
@@ -735,12 +728,12 @@ def test_any_input_is_refused_cleanly_or_read_back_exactly(
     assert task.status is VALID[move][start_state(move)]
     if move == "resolve":
         assert task.result == arg
-        assert _types(task.result) == _types(arg)
+        assert json_types(task.result) == json_types(arg)
         assert read_json(backend.row(task_id)["result"]) == arg
     elif move == "reopen":
         merged = {**old.payload, **(arg or {})}
         assert task.payload == merged
-        assert _types(task.payload) == _types(merged)
+        assert json_types(task.payload) == json_types(merged)
     elif move == "reject":
         assert (task.last_error, last.detail) == (arg, arg)
     elif move == "cancel":

@@ -20,6 +20,7 @@ from orchestration.filters import TaskFilter
 from orchestration.models import TaskStatus
 from orchestration.store.transitions import apply_transition
 from tests.support import assert_valid_path
+from tests.support import race as on_two_threads
 from tests.unit.domain.people_support import Backend, open_backend
 
 pytestmark = pytest.mark.integration
@@ -61,15 +62,7 @@ def race(backend: Backend, ids: list[int], calls: tuple[Call, Call]) -> list[lis
             errors.append(err)
             barrier.abort()
 
-    threads = [threading.Thread(target=run, args=(n,)) for n in (0, 1)]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-    finally:
-        for trail in trails:
-            trail.close()
+    on_two_threads(run, trails, 120)
     assert not errors, errors
     return outcomes
 

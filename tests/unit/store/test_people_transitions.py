@@ -22,6 +22,7 @@ from orchestration.moves import RUN_COLUMNS, Move
 from orchestration.store.db import Database
 from orchestration.store.transitions import TransitionResult, TransitionStore, apply_transition
 from orchestration.values import read_text
+from tests.support import race
 
 S = TaskStatus
 
@@ -335,11 +336,7 @@ def test_two_batches_over_the_same_tasks_never_deadlock(pg_db: Database, pg_url:
             db.dispose()
 
     # When two bulk cancels run at once over overlapping batches
-    threads = [threading.Thread(target=run, args=(n,)) for n in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    race(run, (), 120)
 
     # Then neither failed (no deadlock), and each task was cancelled exactly once
     assert not errors, errors

@@ -32,6 +32,7 @@ from orchestration.store.transitions import (
     apply_transition,
 )
 from orchestration.values import read_json, read_text
+from tests.support import race
 
 S = TaskStatus
 
@@ -588,11 +589,7 @@ def _race(
         finally:
             db.dispose()
 
-    threads = [threading.Thread(target=run, args=(n,)) for n in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    race(run, (), 60)
     assert not errors, errors
     return outcomes
 
