@@ -258,6 +258,21 @@ def test_a_stopped_run_cancels_the_coroutine_and_its_result_is_discarded() -> No
             raise
         return "late"
 
+    # When the run is stopped once it runs (the lease keeper found the task cancelled)
+    result, log = _stopped_run(handler, stop, started)
+    # Then the hop's outcome is cancelled, and the coroutine got CancelledError with the
+    # view saying so
+    assert result == [CallOutcome(Kind.CANCELLED, reason="cancelled")]
+    assert flag_seen == [True]
+    # and one line says the run was discarded
+    assert _discards(log) == [(61, "cancelled", "cancelled")]
+
+
+def _stopped_run(
+    handler: Any, stop: threading.Event, started: threading.Event
+) -> tuple[list[CallOutcome], list[dict[str, Any]]]:
+    """``handler`` called on a hop thread, ``stop`` set once it has started; the hop's
+    outcome and the log, once the discarded run was logged."""
     result: list[CallOutcome] = []
     with capture_logs() as log:
         hop = threading.Thread(
@@ -265,16 +280,10 @@ def test_a_stopped_run_cancels_the_coroutine_and_its_result_is_discarded() -> No
         )
         hop.start()
         assert started.wait(WAIT_S)
-        # When the run is stopped (the lease keeper found the task cancelled)
         stop.set()
         hop.join(WAIT_S)
-        _wait_for(lambda: _discards(log), "the cancelled run was not logged")
-    # Then the hop's outcome is cancelled, and the coroutine got CancelledError with the
-    # view saying so
-    assert result == [CallOutcome(Kind.CANCELLED, reason="cancelled")]
-    assert flag_seen == [True]
-    # and one line says the run was discarded
-    assert _discards(log) == [(61, "cancelled", "cancelled")]
+        _wait_for(lambda: _discards(log), "the stopped run was not logged")
+    return result, log
 
 
 def test_a_stopped_run_whose_handler_swallows_the_cancel_and_returns_is_discarded() -> None:
@@ -287,16 +296,7 @@ def test_a_stopped_run_whose_handler_swallows_the_cancel_and_returns_is_discarde
             await asyncio.sleep(60)
         return "returned anyway"
 
-    result: list[CallOutcome] = []
-    with capture_logs() as log:
-        hop = threading.Thread(
-            target=lambda: result.append(calls.call(_spec(handler), _view(stop)))
-        )
-        hop.start()
-        assert started.wait(WAIT_S)
-        stop.set()
-        hop.join(WAIT_S)
-        _wait_for(lambda: _discards(log), "the late result was not logged")
+    result, log = _stopped_run(handler, stop, started)
     assert result == [CallOutcome(Kind.CANCELLED, reason="cancelled")]
     assert _discards(log) == [(61, "returned", "cancelled")]
 
