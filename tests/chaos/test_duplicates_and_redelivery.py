@@ -46,28 +46,33 @@ class Redeliverer(threading.Thread):
         self.app, self.counter = app, counter
         self.redelivered: list[tuple[str, list[Any]]] = []
         self.mid_handler: set[int] = set()  # tasks whose execute came back while it ran
+        self.errors: list[str] = []  # what went wrong in a sweep (the next sweep goes on)
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        with self.app.connection_for_write() as conn:
-            channel = conn.default_channel
-            client, qos = channel.client, channel.qos
-            while not self.stopped.wait(1.0):
-                ceil = time.time() - VISIBILITY_TIMEOUT_S
-                for tag in client.zrangebyscore(qos.unacked_index_key, 0, ceil):
-                    raw = client.hget(qos.unacked_key, tag)
-                    if raw is None:
-                        continue  # acked meanwhile
-                    message = json.loads(raw)[0]
-                    name, args = message["headers"]["task"], _args(message)
-                    if name == "taskrail.execute":
-                        calls, runs = self.counter.mget(
-                            key(f"calls:{args[0]}"), key(f"runs:{args[0]}")
-                        )
-                        if calls and runs is None:
-                            self.mid_handler.add(args[0])
-                    qos.restore_by_tag(tag, client)
-                    self.redelivered.append((name, args))
+        while not self.stopped.wait(1.0):
+            try:
+                with self.app.connection_for_write() as conn:
+                    while not self.stopped.wait(1.0):
+                        self._sweep(conn.default_channel)
+            except Exception as exc:  # noqa: BLE001 - a test helper that must outlive a blip
+                self.errors.append(repr(exc))
+
+    def _sweep(self, channel: Any) -> None:
+        client, qos = channel.client, channel.qos
+        ceil = time.time() - VISIBILITY_TIMEOUT_S
+        for tag in client.zrangebyscore(qos.unacked_index_key, 0, ceil):
+            raw = client.hget(qos.unacked_key, tag)
+            if raw is None:
+                continue  # acked meanwhile
+            message = json.loads(raw)[0]
+            name, args = message["headers"]["task"], _args(message)
+            if name == "taskrail.execute":
+                calls, runs = self.counter.mget(key(f"calls:{args[0]}"), key(f"runs:{args[0]}"))
+                if calls and runs is None:
+                    self.mid_handler.add(args[0])
+            qos.restore_by_tag(tag, client)
+            self.redelivered.append((name, args))
 
 
 def test_every_hop_twice_and_redelivery_while_handlers_run(
@@ -115,4 +120,7 @@ def test_every_hop_twice_and_redelivery_while_handlers_run(
         run_s=round(done - started, 1), hops_skipped=skipped, **report_numbers(verdict),
     )  # fmt: skip
     assert skipped > len(work.ids), "the duplicates never arrived"
-    assert redeliverer.mid_handler, "no execute message came back while its handler ran"
+    assert redeliverer.mid_handler, (
+        f"no execute message came back while its handler ran "
+        f"({len(redeliverer.redelivered)} redelivered; sweep errors: {redeliverer.errors[:3]})"
+    )
