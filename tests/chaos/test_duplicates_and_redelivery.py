@@ -55,7 +55,7 @@ class Redeliverer(threading.Thread):
                 with self.app.connection_for_write() as conn:
                     while not self.stopped.wait(1.0):
                         self._sweep(conn.default_channel)
-            except Exception as exc:  # noqa: BLE001 - a test helper that must outlive a blip
+            except Exception as exc:  # a test helper that must outlive a blip
                 self.errors.append(repr(exc))
 
     def _sweep(self, channel: Any) -> None:
