@@ -67,6 +67,9 @@ MAX_DEFER_COUNTDOWN_S = 300.0
 # Recovery.
 DEFAULT_LEASE_TTL_S = 20.0
 DEFAULT_SWEEP_INTERVAL_S = 5.0
+# A worker stopping (SIGTERM) waits this long for its async calls in flight; the rest go
+# back to the queue unused (workers.aio).
+DEFAULT_ASYNC_DRAIN_S = 8.0
 DEFAULT_REDRIVE_AFTER_S = 15.0
 DEFAULT_SWEEP_BATCH = 500
 # `taskrail status` flags the sweeper when its last pass is this many intervals old.

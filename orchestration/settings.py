@@ -100,6 +100,19 @@ class Settings(BaseSettings):
         gt=0,
         description="how often a worker holding leases checks whether their tasks were cancelled",
     )
+    async_calls: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "async def handlers a worker runs at a time on its event loop "
+            "(the async executor; 0: off, `--async-calls` overrides)"
+        ),
+    )
+    async_drain_s: float = Field(
+        default=c.DEFAULT_ASYNC_DRAIN_S,
+        ge=0,
+        description="how long a stopping worker waits for its async calls in flight",
+    )
     sweep_interval_s: float = Field(default=c.DEFAULT_SWEEP_INTERVAL_S, gt=0)
     redrive_after_s: float = Field(default=c.DEFAULT_REDRIVE_AFTER_S, gt=0)
     sweep_batch: int = Field(default=c.DEFAULT_SWEEP_BATCH, ge=1)

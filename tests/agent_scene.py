@@ -31,11 +31,23 @@ class AgentScene:
     counter: redis.Redis
     fleet: WorkerFleet
 
-    def deploy(self, pool: str) -> None:
-        """The Procfile's shape: a solo hop worker, and an executor on ``pool``."""
+    def deploy(self, pool: str, extra_env: dict[str, str] | None = None) -> None:
+        """The Procfile's shape: a solo hop worker, and an executor on ``pool`` (``async``:
+        the async executor, ``--async-calls`` on a threads pool)."""
         self.fleet.start(pool="solo", concurrency=1, queues=HOPS)
+        if pool == "async":
+            self.fleet.start(
+                pool="threads",
+                concurrency=2,
+                queues=c.QUEUE_EXECUTE,
+                extra_args=["--async-calls", "200"],
+                extra_env=extra_env,
+            )
+            return
         concurrency = {"threads": 4, "prefork": 2, "solo": 1}[pool]
-        self.fleet.start(pool=pool, concurrency=concurrency, queues=c.QUEUE_EXECUTE)
+        self.fleet.start(
+            pool=pool, concurrency=concurrency, queues=c.QUEUE_EXECUTE, extra_env=extra_env
+        )
 
     def count(self, name: str, task_id: int) -> int:
         return int(self.counter.get(key(f"{name}:{task_id}")) or 0)

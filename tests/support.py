@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +126,7 @@ class WorkerFleet:
         queues: str | None = None,
         extra_env: Mapping[str, str] | None = None,
         wait: bool = True,
+        extra_args: Sequence[str] = (),
     ) -> WorkerProcess:
         self._count += 1
         name = f"w{self._count}"
@@ -148,6 +149,7 @@ class WorkerFleet:
         ]
         if queues:
             cmd += ["-Q", queues]
+        cmd += extra_args
         env = {**self.env, **(extra_env or {})}
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(

@@ -30,6 +30,7 @@ lease, so a result that comes back after a cancel is never written either.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -57,7 +58,7 @@ from orchestration.ops import metrics
 from orchestration.redact import redact_text
 from orchestration.store import leases
 from orchestration.store.transitions import Move, Outcome
-from workers import calls
+from workers import aio, calls
 from workers.calls import CallOutcome, Kind
 from workers.runtime import Runtime
 
@@ -226,7 +227,12 @@ def run_claimed(
             ),
         )
         return
-    stop = threading.Event()  # set by the lease keeper when the run is no longer wanted
+    # The async executor takes async handlers (workers.aio); the rest run in this thread.
+    loop_calls = aio.executor(rt.settings.async_calls) if spec.is_async else None
+    if claimed.isolated:
+        loop_calls = None
+    # Set by the lease keeper when the run is no longer wanted.
+    stop = loop_calls.new_stop() if loop_calls is not None else threading.Event()
     try:
         # The producer's own rules: a row that breaks them was never accepted by them.
         values.check_task_row(claimed.client_id, claimed.task_type, claimed.payload)
@@ -242,12 +248,53 @@ def run_claimed(
         breaker.abandon(permit)
         finish(rt, claimed, "fail", reason=f"the task cannot run: {error_text(err)}")
         return
+    if loop_calls is not None:
+        assert isinstance(stop, aio.RunStop)
+        hand_over(rt, loop_calls, spec, breaker, permit, claimed, view, stop)
+        return
     with rt.leases.hold(claimed.task_id, claimed.token, claimed.expires_at, stop=stop):
         if claimed.isolated:
             outcome = calls.call_isolated(spec, view, tuple(rt.settings.agents))
         else:
             outcome = calls.call(spec, view)
     conclude(rt, spec, breaker, permit, claimed, outcome, stopped=stop.is_set())
+
+
+def hand_over(
+    rt: Runtime,
+    loop_calls: aio.AsyncCalls,
+    spec: AgentSpec,
+    breaker: SharedBreaker,
+    permit: Permit,
+    claimed: leases.Claim,
+    view: TaskView,
+    stop: aio.RunStop,
+) -> None:
+    """Give the call to the async executor and return: the lease, kept alive by the lease
+    keeper until the outcome is written, is the run's claim from now on."""
+    held = contextlib.ExitStack()
+    held.enter_context(
+        rt.leases.hold(claimed.task_id, claimed.token, claimed.expires_at, stop=stop)
+    )
+
+    def written(outcome: CallOutcome, stopped: bool) -> None:
+        with held:
+            if outcome.kind is Kind.CANCELLED and outcome.reason == aio.SHUTDOWN and not stopped:
+                # The worker is stopping: the attempt goes back unused, to another worker.
+                breaker.abandon(permit)
+                give_back(rt, claimed, countdown_s=None)
+                return
+            conclude(rt, spec, breaker, permit, claimed, outcome, stopped=stopped)
+
+    try:
+        started = loop_calls.start(spec, view, stop, written)
+    except BaseException:
+        held.close()
+        raise
+    if not started:  # shutting down: another worker runs it
+        with held:
+            breaker.abandon(permit)
+            give_back(rt, claimed, countdown_s=None)
 
 
 def conclude(

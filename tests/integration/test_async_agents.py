@@ -38,7 +38,7 @@ def scene(
     counter.close()
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork", "solo"])
+@pytest.mark.parametrize("pool", ["async", "threads", "prefork", "solo"])
 def test_async_agents_complete_in_every_executor_pool(pool: str, scene: Scene) -> None:
     # Given the Procfile's deployment with an executor on ``pool``
     scene.deploy(pool)
@@ -56,11 +56,14 @@ def test_async_agents_complete_in_every_executor_pool(pool: str, scene: Scene) -
         assert scene.no_lease(task_id)
     assert "not JSON-serialisable" not in scene.fleet.logs()
     assert "Traceback" not in scene.fleet.logs()
+    # and on the async executor, the calls ran on its event loop
+    assert ("async_executor_started" in scene.fleet.logs()) == (pool == "async")
 
 
-def test_async_outcomes_escalate_fail_and_retry_like_sync_ones(scene: Scene) -> None:
-    # Given a threads executor and an async agent that does what each payload says
-    scene.deploy("threads")
+@pytest.mark.parametrize("pool", ["async", "threads"])
+def test_async_outcomes_escalate_fail_and_retry_like_sync_ones(pool: str, scene: Scene) -> None:
+    # Given an executor and an async agent that does what each payload says
+    scene.deploy(pool)
     escalates = api.submit("async_outcome", 1, {"do": "escalate"})
     fails = api.submit("async_outcome", 2, {"do": "permanent"})
     flaky = api.submit("async_outcome", 3, {"do": "flaky", "fail_times": 2})
@@ -86,7 +89,7 @@ def test_async_outcomes_escalate_fail_and_retry_like_sync_ones(scene: Scene) -> 
         assert scene.no_lease(task_id)
 
 
-@pytest.mark.parametrize("pool", ["threads", "prefork"])
+@pytest.mark.parametrize("pool", ["async", "threads", "prefork"])
 def test_an_async_handler_awaiting_forever_is_cancelled_at_its_time_limit(
     pool: str, scene: Scene
 ) -> None:
@@ -113,7 +116,7 @@ def test_an_async_handler_awaiting_forever_is_cancelled_at_its_time_limit(
     assert {(d["handler"], d["reason"]) for d in discards} == {("cancelled", "time limit")}
 
 
-@pytest.mark.parametrize("pool", ["threads", "solo"])
+@pytest.mark.parametrize("pool", ["async", "threads", "solo"])
 def test_cancelling_a_running_async_handler_cancels_its_coroutine(pool: str, scene: Scene) -> None:
     # Given an async handler awaiting a 20 s call
     scene.deploy(pool)

@@ -1,0 +1,382 @@
+"""The async executor: ``async def`` handlers run on one event loop per worker process,
+thousands at a time, the database lease as their claim.
+
+::
+
+    execute hop (a pool thread)             event loop (one thread)     outcome threads
+    ---------------------------             -----------------------     ---------------
+    breaker, lease taken (as for any run)
+    a slot free? (else the hop waits:
+      the worker takes no more messages)
+    hand the call over, return ------------> task = handler(view)
+    (the message is acknowledged)            time limit timer
+                                             cancel: the lease keeper
+                                               sets the run's stop ---->
+                                             ended, or cancelled --------> breaker verdict
+                                                                           outcome written
+                                                                           lease let go,
+                                                                           slot freed
+
+The message is acknowledged once the call is handed over: from then on the **lease**
+is the claim. The worker's lease keeper renews it while the call runs; if the process
+dies the renewals stop, the lease expires and the sweeper re-drives the task, whose
+next execute hop takes the dead run's lease over (docs/design.md, "Recovery"). So a
+SIGKILL mid-call costs what it costs on any executor: the call runs again, once.
+
+Turn it on with ``celery -A workers worker --async-calls N`` (or
+``TASKRAIL_ASYNC_CALLS=N``): at most N calls in flight in the process. Off (0, the
+default) an async handler runs in its hop's thread on a loop of its own
+(:mod:`workers.calls`), as a sync handler does. Only async handlers are handed over; a
+sync handler, or a task that runs isolated (a process of its own), is called in the
+hop's thread as before.
+
+Time limit: at ``time_limit_s`` the run's outcome is a timeout at once (the attempt
+counts) and its coroutine is cancelled (``CancelledError`` at its ``await``), again
+after ``RECANCEL_AFTER_S`` if it swallows that, up to ``RECANCEL_TIMES``; whatever it
+returns later is discarded. A cancelled task (``taskrail cancel``): the keeper's stop
+reaches the loop at once (no polling per call), the coroutine is cancelled the same
+way, nothing is written.
+
+Shutdown (a warm stop, SIGTERM): the worker stops taking messages and waits up to
+``TASKRAIL_ASYNC_DRAIN_S`` for the calls in flight; those still running then are
+cancelled and their attempts given back unused (re-sent), so another worker runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import inspect
+import os
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import click
+from celery import Celery, bootsteps, signals
+
+from orchestration.agents import AgentSpec, TaskView
+from orchestration.logging import get_logger
+from workers.calls import (
+    CANCELLED_REASON,
+    RECANCEL_AFTER_S,
+    RECANCEL_TIMES,
+    TIME_LIMIT,
+    CallOutcome,
+    Kind,
+    classify,
+    discarded,
+    not_awaited,
+    time_limit_reason,
+)
+
+log = get_logger("taskrail.hop")
+
+SHUTDOWN = "shutdown"
+# Threads that write outcomes (breaker verdict, compare-and-set, next hop): the
+# database work of a finished call, kept off the event loop.
+OUTCOME_THREADS = 4
+
+
+class RunStop(threading.Event):
+    """A run's stop event (``TaskView.cancelled``) that also tells the event loop at once
+    when it is set (the lease keeper sets it from its own thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on_set: Callable[[], None] | None = None
+
+    def set(self) -> None:
+        super().set()
+        notify = self.on_set
+        if notify is not None:
+            notify()
+
+
+Conclude = Callable[[CallOutcome, bool], None]
+"""Writes a run's outcome (``stopped``: the run was cancelled meanwhile); called once,
+on an outcome thread."""
+
+
+class _Run:
+    """One handed-over call: its coroutine's task on the loop, its timer, its outcome."""
+
+    def __init__(
+        self,
+        owner: AsyncCalls,
+        spec: AgentSpec,
+        view: TaskView,
+        stop: RunStop,
+        conclude: Conclude,
+        context: contextvars.Context,
+    ) -> None:
+        self.owner, self.spec, self.view, self.stop = owner, spec, view, stop
+        self.conclude, self.context = conclude, context
+        self.task: asyncio.Task[Any] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.why = ""  # set once the loop gave up on the coroutine
+        self.cancels = 0
+        self.concluded = False
+
+    # -- on the loop ---------------------------------------------------------------
+
+    def begin(self) -> None:
+        loop = self.owner.loop
+        if self.stop.is_set():  # cancelled before it started
+            self.finish(CallOutcome(Kind.CANCELLED, reason=CANCELLED_REASON))
+            return
+        self.task = loop.create_task(_guarded(self.spec, self.view), context=self.context)
+        self.task.add_done_callback(self.ended)
+        self.timer = loop.call_later(self.spec.time_limit_s, self.give_up, TIME_LIMIT)
+
+    def give_up(self, why: str) -> None:
+        """Stop waiting for the coroutine (``why``: the time limit, a cancel, a shutdown):
+        its outcome is settled now, the coroutine cancelled."""
+        if self.why or self.concluded:
+            return
+        self.why = why
+        if self.timer is not None:
+            self.timer.cancel()
+        if why == TIME_LIMIT:
+            outcome = CallOutcome(Kind.TIMEOUT, reason=time_limit_reason(self.spec))
+        elif why == SHUTDOWN:
+            outcome = CallOutcome(Kind.CANCELLED, reason=SHUTDOWN)
+        else:
+            outcome = CallOutcome(Kind.CANCELLED, reason=CANCELLED_REASON)
+        self.recancel()
+        self.finish(outcome)
+
+    def recancel(self) -> None:
+        task = self.task
+        if task is None or task.done():
+            return
+        task.cancel()
+        if self.cancels < RECANCEL_TIMES:
+            self.cancels += 1
+            self.owner.loop.call_later(RECANCEL_AFTER_S, self.recancel)
+        else:
+            log.warning("handler_ignores_cancel", task_id=self.view.id, reason=self.why)
+
+    def ended(self, task: asyncio.Task[Any]) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.why:  # given up on already: what it did now is thrown away
+            if task.cancelled():
+                handler = "cancelled"
+            else:
+                handler = "raised" if task.result()[0] is _RAISED else "returned"
+            if self.why != SHUTDOWN:
+                discarded(self.view.id, handler, self.why)
+            return
+        if task.cancelled():  # cancelled by the handler's own code, not by this loop
+            outcome = CallOutcome(
+                Kind.ERROR, reason="CancelledError: the handler was cancelled by its own code"
+            )
+        else:
+            how, value = task.result()
+            if how is _RAISED:
+                outcome = classify(value)
+            elif _is_awaitable(value):
+                outcome = not_awaited(self.spec, value)
+            else:
+                outcome = CallOutcome(Kind.RESULT, result=value)
+        self.finish(outcome)
+
+    def finish(self, outcome: CallOutcome) -> None:
+        self.concluded = True
+        self.owner.outcomes.submit(self.write, outcome)
+
+    # -- on an outcome thread --------------------------------------------------------
+
+    def write(self, outcome: CallOutcome) -> None:
+        try:
+            self.context.copy().run(self.conclude, outcome, self.stop.is_set())
+        except Exception as err:  # the lease lapses; the sweeper re-drives the task
+            log.error("outcome_not_written", task_id=self.view.id, error=str(err))
+        finally:
+            self.owner.done(self)
+
+
+_RAISED = object()
+_RETURNED = object()
+
+
+def _is_awaitable(value: Any) -> bool:
+    return inspect.isawaitable(value)
+
+
+async def _guarded(spec: AgentSpec, view: TaskView) -> tuple[object, Any]:
+    """The handler's coroutine, its exceptions caught as values: a SystemExit or
+    KeyboardInterrupt raised by a handler is its failure, and must not stop the loop
+    (asyncio re-raises those out of ``run_forever``)."""
+    try:
+        coro: Coroutine[Any, Any, Any] = spec.handler(view)
+        return _RETURNED, await coro
+    except asyncio.CancelledError:
+        raise
+    except BaseException as err:
+        return _RAISED, err
+
+
+class AsyncCalls:
+    """The event loop of this process, its thread, its slots and its outcome writers."""
+
+    def __init__(self, limit: int, *, outcome_threads: int = OUTCOME_THREADS) -> None:
+        self.limit = limit
+        self._slots = threading.BoundedSemaphore(limit)
+        self.loop = asyncio.new_event_loop()
+        self.outcomes = ThreadPoolExecutor(outcome_threads, thread_name_prefix="taskrail-outcome")
+        self._runs: set[_Run] = set()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.closing = False
+        self._thread = threading.Thread(
+            target=self._serve, name="taskrail-async-calls", daemon=True
+        )
+        self._thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._runs)
+
+    def new_stop(self) -> RunStop:
+        return RunStop()
+
+    def start(self, spec: AgentSpec, view: TaskView, stop: RunStop, conclude: Conclude) -> bool:
+        """Hand ``spec``'s call on ``view`` to the loop, waiting for a free slot first.
+
+        Returns False (nothing started) once the executor is shutting down. ``conclude``
+        is called once with the outcome, on an outcome thread.
+        """
+        while not self._slots.acquire(timeout=0.5):
+            if self.closing:
+                return False
+        run = _Run(self, spec, view, stop, conclude, contextvars.copy_context())
+        with self._lock:
+            if self.closing:
+                self._slots.release()
+                return False
+            self._runs.add(run)
+
+        def cancelled() -> None:
+            self.loop.call_soon_threadsafe(run.give_up, CANCELLED_REASON)
+
+        stop.on_set = cancelled
+        self.loop.call_soon_threadsafe(run.begin)
+        return True
+
+    def done(self, run: _Run) -> None:
+        with self._lock:
+            self._runs.discard(run)
+            if not self._runs:
+                self._idle.notify_all()
+        self._slots.release()
+
+    def drain(self, grace_s: float) -> int:
+        """Stop taking calls; wait up to ``grace_s`` for those in flight to end, then give
+        up on the rest (their outcome: ``shutdown``) and wait for their outcomes to be
+        written. Returns how many were given up on."""
+        with self._lock:
+            self.closing = True
+            deadline = time.monotonic() + grace_s
+            while self._runs and (left := deadline - time.monotonic()) > 0:
+                self._idle.wait(left)
+            left_over = list(self._runs)
+        for run in left_over:
+            self.loop.call_soon_threadsafe(run.give_up, SHUTDOWN)
+        with self._lock:
+            while self._runs:
+                self._idle.wait(1.0)
+        self.outcomes.shutdown(wait=True)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5.0)
+        return len(left_over)
+
+
+# -- this process's executor ---------------------------------------------------------
+
+_limit: int | None = None  # from `--async-calls`; None: the TASKRAIL_ASYNC_CALLS setting
+_calls: tuple[int, AsyncCalls] | None = None
+_calls_lock = threading.Lock()
+
+
+def set_limit(limit: int | None) -> None:
+    global _limit
+    _limit = limit
+
+
+def executor(default_limit: int) -> AsyncCalls | None:
+    """This process's async executor, built on first use; None when it is off."""
+    global _calls
+    limit = _limit if _limit is not None else default_limit
+    if limit <= 0:
+        return None
+    current = _calls
+    if current is not None and current[0] == os.getpid():
+        return current[1]
+    with _calls_lock:
+        if _calls is None or _calls[0] != os.getpid():  # a forked child builds its own
+            _calls = (os.getpid(), AsyncCalls(limit))
+            log.info("async_executor_started", limit=limit)
+        return _calls[1]
+
+
+def shutdown(grace_s: float) -> None:
+    """Drain this process's executor, if it has one (the worker is stopping)."""
+    global _calls
+    with _calls_lock:
+        current, _calls = _calls, None
+    if current is None or current[0] != os.getpid():
+        return
+    calls = current[1]
+    in_flight = calls.in_flight
+    if in_flight:
+        log.info("async_calls_draining", in_flight=in_flight, grace_s=grace_s)
+    given_up = calls.drain(grace_s)
+    if given_up:
+        log.warning("async_calls_given_back", count=given_up)
+
+
+# -- the worker's command line ---------------------------------------------------------
+
+
+class AsyncCallsOption(bootsteps.Step):
+    """Reads ``--async-calls`` (the worker's command line) in the worker's main process,
+    before a prefork pool forks its children."""
+
+    def __init__(self, parent: Any, async_calls: int | None = None, **kwargs: Any) -> None:
+        if async_calls is not None:
+            set_limit(async_calls)
+        super().__init__(parent, **kwargs)
+
+
+def install(app: Celery) -> None:
+    """Add ``--async-calls`` to ``celery -A workers worker``."""
+    app.user_options["worker"].add(
+        click.Option(
+            ["--async-calls"],
+            type=click.IntRange(min=0),
+            default=None,
+            help=(
+                "taskrail: run async def handlers on this process's event loop, at most "
+                "this many at a time (0: off; default TASKRAIL_ASYNC_CALLS)."
+            ),
+        )
+    )
+    app.steps["worker"].add(AsyncCallsOption)
+
+
+@signals.worker_shutdown.connect
+def _drain_on_shutdown(**_: object) -> None:
+    from workers.celery_app import worker_settings
+
+    with contextlib.suppress(AssertionError):  # no app built: nothing ran
+        shutdown(worker_settings().async_drain_s)
