@@ -3,7 +3,8 @@ the broker it was built with, reading a task back, and sending first hops."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import func, select
 
@@ -34,8 +35,34 @@ def _check_task_id(task_id: Any) -> int:
     return int(task_id)
 
 
+class HopSender(Protocol):
+    """What sends first hops: a :class:`Dispatcher`, or the async API's stand-in."""
+
+    def send_many(self, hop: str, args_list: Iterable[Sequence[Any]]) -> int: ...
+
+
+D = TypeVar("D", bound=Database)
+
+
+def producer_database(settings: Settings, kind: type[D]) -> D:
+    """A producer's database of class ``kind`` from ``settings``.
+
+    pre_ping: a producer outlives server restarts; a pooled connection that died with
+    one is replaced on checkout instead of failing the caller.
+    """
+    return kind(
+        settings.effective_database_url,
+        pool_size=settings.db_pool_size,
+        timeouts=ConnectionTimeouts.from_settings(settings),
+        pre_ping=True,
+    )
+
+
 class TaskrailBase:
-    """A producer's handle on one database and one broker: reads, and first hops sent."""
+    """A producer's handle on one database and one broker: reads, and first hops sent.
+
+    ``hops`` sends the first hops (default: the ``dispatcher``).
+    """
 
     def __init__(
         self,
@@ -43,18 +70,13 @@ class TaskrailBase:
         *,
         db: Database | None = None,
         dispatcher: Dispatcher | None = None,
+        hops: HopSender | None = None,
     ) -> None:
         self.settings = settings or get_settings()
         load_agent_modules(self.settings.agents)
-        # pre_ping: a producer outlives server restarts; a pooled connection that died
-        # with one is replaced on checkout instead of failing the caller.
-        self.db = db or Database(
-            self.settings.effective_database_url,
-            pool_size=self.settings.db_pool_size,
-            timeouts=ConnectionTimeouts.from_settings(self.settings),
-            pre_ping=True,
-        )
+        self.db = db or producer_database(self.settings, Database)
         self.dispatcher = dispatcher or Dispatcher(make_celery(self.settings))
+        self.hops: HopSender = hops or self.dispatcher
 
     # -- reading ----------------------------------------------------------------
 
@@ -112,7 +134,7 @@ class TaskrailBase:
         if not tasks:
             return
         try:
-            self.dispatcher.send_many(
+            self.hops.send_many(
                 c.HOP_ASSIGN, ([task_id, task_type] for task_id, task_type in tasks)
             )
         except BrokerUnavailable as err:

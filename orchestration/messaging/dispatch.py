@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import socket
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import redis
@@ -177,6 +177,19 @@ _DIRECT_OPTIONS = frozenset({"time_limit", "soft_time_limit", "headers"})
 PUBLISH_BATCH = 1000
 
 
+def hop_batches(hop: str, args_list: Iterable[Sequence[Any]]) -> Iterator[tuple[str, list[bytes]]]:
+    """``hop``'s messages for each of ``args_list``, encoded as the Redis transport puts
+    them on their queue list: (queue, up to PUBLISH_BATCH envelopes), batch by batch.
+
+    Raises TypeError for arguments JSON cannot encode.
+    """
+    queue = HOP_QUEUES.get(hop, c.QUEUE_HOPS)
+    items = iter(args_list)
+    lineage = protocol.current_lineage()
+    while chunk := list(itertools.islice(items, PUBLISH_BATCH)):
+        yield queue, protocol.encoded_envelopes(hop, chunk, queue, lineage=lineage)
+
+
 class Dispatcher:
     """Publishes hop messages by task name.
 
@@ -251,6 +264,11 @@ class Dispatcher:
         except _BROKER_ERRORS as err:
             raise BrokerUnavailable(self.where, redact_text(str(err))) from err
 
+    @property
+    def direct(self) -> bool:
+        """True on taskrail's Redis transport: hops are pushed onto their queue lists."""
+        return self._direct
+
     def queue_depth(self, queue: str) -> int | None:
         """Messages waiting in ``queue`` (not those held by workers), or None if unknown."""
         # Declaring the queue as the workers do (idempotent) answers with its depth on
@@ -268,16 +286,12 @@ class Dispatcher:
         On Redis up to 1,000 messages go in one round trip; other transports publish
         through one producer. Raises BrokerUnavailable.
         """
-        queue = HOP_QUEUES.get(hop, c.QUEUE_HOPS)
         channel = self._redis_channel()
         sent = 0
         if channel is not None:
-            items = iter(args_list)
-            lineage = protocol.current_lineage()
-            while chunk := list(itertools.islice(items, PUBLISH_BATCH)):
-                encoded = protocol.encoded_envelopes(hop, chunk, queue, lineage=lineage)
+            for queue, encoded in hop_batches(hop, args_list):
                 self._push(channel, ((queue, message) for message in encoded))
-                sent += len(chunk)
+                sent += len(encoded)
             return sent
         try:
             with self.app.producer_or_acquire() as producer, producer.batch(max_size=1000):

@@ -18,6 +18,7 @@ import dataclasses
 import fcntl
 import math
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,14 +165,7 @@ class Database:
                 )
         self._engine_kwargs = kwargs
         try:
-            self.engine: Engine = create_engine(self.url, **kwargs)
-            # A pool of its own for single-statement writes: switching a pooled connection
-            # to autocommit and back costs round trips on every checkout.
-            self.autocommit_engine: Engine = (
-                create_engine(self.url, isolation_level="AUTOCOMMIT", **kwargs)
-                if not self.is_sqlite
-                else self.engine
-            )
+            self.engine, self.autocommit_engine = self._create_engines(kwargs)
         except (exc.ArgumentError, exc.NoSuchModuleError, ImportError) as err:
             raise ConfigurationError(
                 f"database URL {redact_url(str(url))!r} cannot be used: {redact_text(str(err))}"
@@ -182,11 +176,27 @@ class Database:
         self._dbapi_errors: tuple[type[BaseException], ...] = (dbapi.Error,)
         self._dbapi_operational: tuple[type[BaseException], ...] = (
             dbapi.OperationalError,
-            dbapi.InterfaceError,
+            # aiosqlite's adapted DB-API (the async API's SQLite) names no InterfaceError.
+            getattr(dbapi, "InterfaceError", dbapi.OperationalError),
         )
         self.pool_timeout_s = pool_timeout_s
         self._schema_ok = False
         self._schema_lock = threading.Lock()
+
+    def _create_engines(self, kwargs: dict[str, Any]) -> tuple[Engine, Engine]:
+        """The pooled engine, and the one for single-statement writes (the same on SQLite).
+
+        The second is a pool of its own: switching a pooled connection to autocommit
+        and back costs round trips on every checkout.
+        """
+        engine = create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            return engine, engine
+        return engine, create_engine(self.url, isolation_level="AUTOCOMMIT", **kwargs)
+
+    def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` before trying a statement again (a lost conflict)."""
+        time.sleep(seconds)
 
     @property
     def where(self) -> str:

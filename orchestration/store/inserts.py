@@ -8,7 +8,6 @@ already is answered with that task's id and ``created`` False.
 from __future__ import annotations
 
 import random
-import time
 from typing import Any, NamedTuple
 
 import orjson
@@ -112,11 +111,11 @@ def _insert_postgres(db: Database, rows: list[NewRow]) -> list[tuple[int, bool]]
                     detail = str(err).splitlines()[0] if str(err) else ""
                     raise WriteConflict(db.where, attempt, detail) from None
                 log.info("submit_conflict_retry", attempt=attempt, error=type(err).__name__)
-                time.sleep(random.uniform(0.5, 1.0) * c.DB_CONFLICT_PAUSE_S * attempt)
+                db.pause(random.uniform(0.5, 1.0) * c.DB_CONFLICT_PAUSE_S * attempt)
     return [
-        (task_id, True) if is_new else (existing[key], False)
-        for task_id, is_new, key in created
+        (task_id, True) if is_new else (existing[key], False) for task_id, is_new, key in created
     ]
+
 
 def _insert_sqlite(db: Database, new_rows: list[NewRow]) -> list[tuple[int, bool]]:
     """Insert ``new_rows`` with SQLAlchemy; returns (id, created) per row,
