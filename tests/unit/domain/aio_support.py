@@ -48,11 +48,11 @@ def async_trail(settings: Settings) -> Iterator[Loop]:
             runner.run(trail.aclose())
 
 
-def outcome(run: Any) -> tuple[str, Any]:
-    """``("ok", value)`` or ``("error", (type, message))`` of ``run()``, a TaskrailError
-    or a TypeError being an answer, anything else a failure of the test."""
+def outcome(run: Any, *args: Any, **kwargs: Any) -> tuple[str, Any]:
+    """``("ok", value)`` or ``("error", (type, message))`` of ``run(*args, **kwargs)``, a
+    TaskrailError or a TypeError being an answer, anything else a failure of the test."""
     try:
-        return "ok", run()
+        return "ok", run(*args, **kwargs)
     except (TaskrailError, TypeError) as err:
         return "error", (type(err), str(err))
 
