@@ -33,6 +33,11 @@ use one :class:`AsyncTaskrail` per running loop, built from the ``TASKRAIL_*``
 environment on first use (:func:`client`); ``await aio.reset_client()`` closes the
 running loop's (an application's shutdown, e.g. FastAPI's lifespan). A ``progress``
 callback of :meth:`AsyncTaskrail.retry_many` runs on the loop: keep it short.
+
+Cancelling a coroutine that awaits a call (a client that went away, a timeout) answers
+it with ``CancelledError`` at once; the call itself runs to its end in the background,
+as it would have, so a move is written whole or not at all, and :meth:`aclose` waits
+for it.
 """
 
 from __future__ import annotations
@@ -118,6 +123,7 @@ class AsyncTaskrail:
             dispatcher=self.dispatcher.sync,
             hops=_LoopHops(self.dispatcher),
         )
+        self._calls: set[asyncio.Future[Any]] = set()
 
     async def __aenter__(self) -> AsyncTaskrail:
         return self
@@ -126,13 +132,31 @@ class AsyncTaskrail:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the pooled database connections and the broker client."""
+        """Wait for the calls still running (those whose callers were cancelled), then
+        close the pooled database connections and the broker client."""
+        while self._calls:
+            await asyncio.wait(list(self._calls))
         await self.db.aclose()
         await self.dispatcher.aclose()
 
     async def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """``method`` of the sync API, its waits on the loop."""
-        return await greenlet_spawn(method, *args, **kwargs)
+        """``method`` of the sync API, its waits on the loop.
+
+        The call runs as a task of its own, shielded: cancelling the caller answers it
+        with CancelledError at once, and the call is finished in the background as it
+        would have been (a move written whole or not at all), instead of being torn out
+        of a statement (aiosqlite cannot stop one, and the connection it holds would keep
+        its transaction). :meth:`aclose` waits for such calls.
+        """
+        call = asyncio.ensure_future(greenlet_spawn(method, *args, **kwargs))
+        self._calls.add(call)
+        call.add_done_callback(self._finished)
+        return await asyncio.shield(call)
+
+    def _finished(self, call: asyncio.Future[Any]) -> None:
+        self._calls.discard(call)
+        if not call.cancelled():
+            call.exception()  # retrieved: a caller that went away does not hear of it
 
     # -- submitting and reading ------------------------------------------------------
 

@@ -25,7 +25,7 @@ from orchestration.settings import Settings
 from orchestration.store.aio import AsyncDatabase
 from orchestration.store.db import Database
 from tests.support import OwnPostgres, OwnRedis, settings_from
-from tests.unit.domain.aio_support import Loop, async_trail, outcome
+from tests.unit.domain.aio_support import Loop, async_trail, everything, outcome
 from tests.unit.domain.people_support import AGENTS, Backend
 
 S = TaskStatus
@@ -223,3 +223,50 @@ def test_a_database_without_an_async_driver_is_refused() -> None:
     with pytest.raises(ConfigurationError) as info:
         AsyncDatabase("mysql://u@127.0.0.1/x")
     assert "the async API supports postgresql, sqlite, not mysql" in str(info.value)
+
+
+@pytest.mark.parametrize("call", ["submit", "cancel", "cancel_many"])
+def test_a_caller_cancelled_while_its_call_waits_is_answered_and_the_call_ends_whole(
+    backend: Backend, call: str
+) -> None:
+    # Given a pending task, and another connection holding the write lock
+    pending = backend.put(S.PENDING)
+    calls = {
+        "submit": ("submit", ("payroll", 7), {}),
+        "cancel": ("cancel", (pending,), {"reason": "stop"}),
+        "cancel_many": ("cancel_many", (), {"status": "pending", "reason": "stop"}),
+    }
+    method, args, kwargs = calls[call]
+
+    async def cancelled(loop: Loop, lock: Lock) -> tuple[bool, bool]:
+        waiting = asyncio.create_task(getattr(loop.trail, method)(*args, **kwargs))
+        for _ in range(TICKS):  # let it reach the lock
+            await asyncio.sleep(0.001)
+        waiting.cancel()
+        try:
+            await waiting
+            answered = False
+        except asyncio.CancelledError:
+            answered = True
+        return answered, lock.released.is_set()
+
+    with async_trail(backend.settings) as loop:
+        loop.call("get", pending)
+        tasks_before, events_before, _ = everything(backend)
+        # When the caller is cancelled while the call waits for the lock
+        with Lock(backend) as lock:
+            answered, released = loop.run(cancelled(loop, lock))
+        # Then it was answered with CancelledError while the lock was still held
+        assert (answered, released) == (True, False)
+        # and once the lock is gone the call ended as it would have: whole
+        loop.run(loop.trail.aclose())  # waits for it
+        tasks, events, _ = everything(backend)
+        if call == "submit":
+            assert len(tasks) == len(tasks_before) + 1 and events == events_before
+        else:
+            assert [(e["event"], e["detail"]) for e in events[len(events_before) :]] == [
+                ("cancel", "stop")
+            ]
+            assert backend.trail.get(pending).status is S.CANCELLED
+        # and the handle goes on working
+        assert loop.call("submit", "payroll", 8) > pending
