@@ -233,12 +233,18 @@ def _cmdline_has(pid: str, text: bytes) -> bool:
         return False
 
 
-def servers_cpu_s(names: tuple[str, ...] = ("postgres", "redis-server")) -> dict[str, float]:
+def servers_cpu_s(
+    names: tuple[str, ...] = ("postgres", "redis-server"), *, own_backends: bool = False
+) -> dict[str, float]:
     """CPU seconds used so far by every process whose name is one of ``names`` (the
     database's backends, the Redis server), by name; of the ``redis-server``
-    processes only the benchmark's own (its title names the port)."""
+    processes only the benchmark's own (its title names the port). ``own_backends``:
+    of the ``postgres`` processes only the backends of the bench database (their title
+    names it), so that other people's tests on the same server are not counted; the
+    server's own processes (WAL writer, checkpointer) are left out then."""
     out = dict.fromkeys(names, 0.0)
     own_redis = f":{urlsplit(REDIS_HOST).port}".encode()
+    own_db = f" {DB_NAME} ".encode()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -249,6 +255,8 @@ def servers_cpu_s(names: tuple[str, ...] = ("postgres", "redis-server")) -> dict
             continue
         name = head.split("(", 1)[1]
         if name == "redis-server" and not _cmdline_has(entry, own_redis):
+            continue
+        if name == "postgres" and own_backends and not _cmdline_has(entry, own_db):
             continue
         if name in out:
             fields = tail.split()
@@ -319,21 +327,22 @@ class WorkerSet:
 
 @dataclass(frozen=True)
 class Proc:
-    """One ``celery worker`` process: its pool, concurrency, queues and other flags."""
+    """One ``celery worker`` process: its pool (None: no ``-P`` flag at all, the app's
+    default), concurrency, queues and other flags."""
 
-    pool: str
+    pool: str | None
     concurrency: int = 1
     queues: str | None = None
     extra: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        text = f"-P {self.pool} -c {self.concurrency}"
+        text = f"-P {self.pool} -c {self.concurrency}" if self.pool else f"-c {self.concurrency}"
         if self.queues:
             text += f" -Q {self.queues}"
         return " ".join([text, *self.extra])
 
 
-def same_procs(pool: str, concurrency: int, instances: int) -> list[Proc]:
+def same_procs(pool: str | None, concurrency: int, instances: int) -> list[Proc]:
     return [Proc(pool, concurrency) for _ in range(instances)]
 
 
@@ -356,7 +365,7 @@ def start_procs(
         log = log_dir / f"{label}_worker{k + 1}.log"
         cmd = [
             celery, "-A", app, "worker", "-n", f"{label}{k + 1}@%h",
-            "-P", proc.pool, "-c", str(proc.concurrency),
+            *(["-P", proc.pool] if proc.pool else []), "-c", str(proc.concurrency),
             "-l", "warning", "--without-gossip", "--without-mingle", "--without-heartbeat",
         ]  # fmt: skip
         if proc.queues:
@@ -376,7 +385,7 @@ def start_workers(
     app: str,
     cwd: Path,
     env: dict[str, str],
-    pool: str,
+    pool: str | None,
     concurrency: int,
     instances: int,
     log_dir: Path,

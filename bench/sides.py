@@ -144,14 +144,26 @@ class Taskrail(Side):
     name = "taskrail"
     redis_dbs = {cm.REDIS_DB_TASKRAIL, cm.REDIS_DB_BREAKERS}
 
-    def __init__(self, log_dir: Path, log_level: str = "INFO", app: str = "workers") -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        log_level: str = "INFO",
+        app: str = "workers",
+        *,
+        agents: str = "demo_agents",
+        task_types: tuple[str, ...] = TASK_TYPES,
+    ) -> None:
         super().__init__(log_dir)
         self.log_level = log_level
         self.app_name = app
+        self.agents, self.task_types = agents, task_types
         for key in [k for k in os.environ if k.startswith("TASKRAIL_")]:
             del os.environ[key]  # the driver's own settings come from TASKRAIL_ENV only
         os.environ.update(
-            TASKRAIL_ENV, TASKRAIL_LOG_LEVEL="WARNING", TASKRAIL_DATA_DIR=str(log_dir / "data")
+            TASKRAIL_ENV,
+            TASKRAIL_AGENTS=agents,
+            TASKRAIL_LOG_LEVEL="WARNING",
+            TASKRAIL_DATA_DIR=str(log_dir / "data"),
         )
         from orchestration import constants as c
         from orchestration.api import NewTask
@@ -186,6 +198,7 @@ class Taskrail(Side):
         full = {k: v for k, v in os.environ.items() if not k.startswith("TASKRAIL_")}
         full.update(
             TASKRAIL_ENV,
+            TASKRAIL_AGENTS=self.agents,
             TASKRAIL_LOG_LEVEL=self.log_level,
             TASKRAIL_DATA_DIR=str(self.log_dir / "data"),
             PYTHONPATH=os.pathsep.join(filter(None, [str(cm.REPO), os.environ.get("PYTHONPATH")])),
@@ -212,7 +225,10 @@ class Taskrail(Side):
         payload = self.payload(work_ms)
         for b in range(0, n, 1000):
             tr.submit_many(
-                [self.NewTask(TASK_TYPES[i % 3], i, payload) for i in range(b, min(n, b + 1000))]
+                [
+                    self.NewTask(self.task_types[i % len(self.task_types)], i, payload)
+                    for i in range(b, min(n, b + 1000))
+                ]
             )
         tr.close()
         assert len(held.held) == n and all(h == self.c.HOP_ASSIGN for h, _ in held.held)
@@ -285,8 +301,12 @@ def throughput(
     work_ms: float = 0.0,
     poll_s: float = 0.05,
     env: dict[str, str] | None = None,
+    own_backends: bool = False,
 ) -> dict[str, Any]:
-    """One timed run of ``n`` tasks on fresh workers: rates, CPU per hop, memory."""
+    """One timed run of ``n`` tasks on fresh workers: rates, CPU per hop, memory.
+
+    ``own_backends``: count the CPU of the bench database's Postgres backends only
+    (:func:`_common.servers_cpu_s`)."""
     ws = side.start(procs, env)
     try:
         jobs = side.prepare(n, work_ms)
@@ -294,7 +314,8 @@ def throughput(
         mains = [p.pid for p in ws.procs]
         kids = [p for p in ws.pids() if p not in mains]
         cpu0, kcpu0, busy0 = cm.cpu_s(mains), cm.cpu_s(kids), machine_busy()
-        each0, servers0 = [cm.cpu_s(ws.pids_of(k)) for k in range(len(mains))], cm.servers_cpu_s()
+        each0 = [cm.cpu_s(ws.pids_of(k)) for k in range(len(mains))]
+        servers0 = cm.servers_cpu_s(own_backends=own_backends)
         c = psycopg.connect(cm.pg_dsn(), autocommit=True)
         t0 = time.perf_counter()
         side.enqueue_all(jobs)
@@ -307,8 +328,13 @@ def throughput(
             time.sleep(poll_s)
         dt = time.perf_counter() - t0
         cpu1, kcpu1, busy1 = cm.cpu_s(mains), cm.cpu_s(kids), machine_busy()
-        each1, servers1 = [cm.cpu_s(ws.pids_of(k)) for k in range(len(mains))], cm.servers_cpu_s()
+        each1 = [cm.cpu_s(ws.pids_of(k)) for k in range(len(mains))]
+        servers1 = cm.servers_cpu_s(own_backends=own_backends)
         rss = ws.rss()
+        proc_rss = [
+            sum(v for v in map(cm.peak_rss_mb, ws.pids_of(k)) if v is not None)
+            for k in range(len(mains))
+        ]
         notes = side.check(c, n)
         c.close()
     finally:
@@ -329,6 +355,7 @@ def throughput(
         "rss_sum": rss["sum"],
         "rss_max": rss["max"],
         "nproc": rss["n"],
+        "proc_rss": proc_rss,  # peak RSS (MB) of each worker process with its pool's children
         "notes": notes,
     }
 
@@ -383,7 +410,8 @@ def latency(
             for k in range(submit_n + warm):
                 time.sleep(gap_s)
                 t0 = time.perf_counter()
-                task_id = tr.submit(TASK_TYPES[k % 3], k, {"scenario": "ok"})
+                task_type = side.task_types[k % len(side.task_types)]
+                task_id = tr.submit(task_type, k, {"scenario": "ok"})
                 t1, _ = wait([task_id], t0)
                 if k >= warm:
                     out["submit"].append((t1 - t0) * 1000)
