@@ -34,6 +34,11 @@ RETRY_BACKOFF_MAX_S = 60.0
 # them in one round trip, and a solo worker's hops then share one pipeline of acks and
 # next-hop messages. Long handlers on a threads pool want 1 (--prefetch-multiplier 1).
 DEFAULT_PREFETCH_MULTIPLIER = 16
+# The pool of `celery -A workers worker` run without --pool (nor CELERY_WORKER_POOL): the
+# hops in the process that reads the broker, as the Procfile's worker runs them. Celery's
+# own default (prefork) puts a parent process and a pipe in front of every hop
+# (docs/performance.md, "Every pool"); an explicit --pool is always obeyed.
+DEFAULT_WORKER_POOL = "solo"
 # Longer than the longest handler: a message unacked for this long is redelivered.
 DEFAULT_VISIBILITY_TIMEOUT_S = 2 * 3600
 MAX_MESSAGE_BYTES = 256 * 1024

@@ -121,7 +121,7 @@ class WorkerFleet:
 
     def start(
         self,
-        pool: str = "prefork",
+        pool: str | None = "prefork",
         concurrency: int = 2,
         queues: str | None = None,
         extra_env: Mapping[str, str] | None = None,
@@ -138,8 +138,7 @@ class WorkerFleet:
             "worker",
             "-n",
             f"{name}@%h",
-            "-P",
-            pool,
+            *(["-P", pool] if pool is not None else []),  # None: no --pool at all
             "-c",
             str(concurrency),
             "-l",

@@ -17,13 +17,15 @@ import os
 import threading
 from typing import Any
 
+import click
 import orjson
-from celery import Celery, signals
+from celery import Celery, concurrency, signals
 from celery.worker.consumer import Consumer as CeleryConsumer
 from kombu.exceptions import DecodeError
 from kombu.utils import json as kombu_json
 from vine import promise
 
+from orchestration import constants as c
 from orchestration.errors import NotAHop
 from orchestration.logging import configure_logging
 from orchestration.messaging import deadletters
@@ -264,11 +266,46 @@ def _make_data_dir(**_: object) -> None:
     worker_settings().data_dir.mkdir(parents=True, exist_ok=True)
 
 
+def pool_left_to_default(app: Celery) -> bool:
+    """True when this ``celery worker`` command was given no pool: no ``--pool`` / ``-P``
+    on its command line, no ``CELERY_WORKER_POOL`` in its environment and no
+    ``worker_pool`` in the app's configuration. False for a worker built without the
+    command line (``app.Worker(...)``, Celery's test worker): its caller chose."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or "worker_pool" in app.conf.changes:
+        return False
+    return ctx.get_parameter_source("pool") is click.core.ParameterSource.DEFAULT
+
+
+def pool_name(pool_cls: Any) -> str:
+    """Celery's short name of a pool class (``solo``, ``prefork``, ``threads``, ...)."""
+    if isinstance(pool_cls, str):
+        return pool_cls
+    target = f"{pool_cls.__module__}:{pool_cls.__qualname__}"
+    names = [name for name, path in concurrency.ALIASES.items() if path == target]
+    return sorted(names, key=lambda name: name == "processes")[0] if names else target
+
+
+@signals.worker_init.connect
+def _default_pool(sender: Any = None, **_: object) -> None:
+    # `celery -A workers worker` with no --pool runs taskrail's default pool instead of
+    # Celery's prefork (constants.DEFAULT_WORKER_POOL); the worker turns the name into
+    # the pool class just after this signal.
+    if sender is not None and pool_left_to_default(sender.app):
+        sender.pool_cls = c.DEFAULT_WORKER_POOL
+
+
 @signals.worker_ready.connect
-def _announce_ready(sender: object = None, **_: object) -> None:
+def _announce_ready(sender: Any = None, **_: object) -> None:
     from orchestration.logging import get_logger
 
-    get_logger("taskrail.worker").info("worker_ready", node=getattr(sender, "hostname", None))
+    controller = getattr(sender, "controller", None)
+    pool_cls = getattr(controller, "pool_cls", None)
+    get_logger("taskrail.worker").info(
+        "worker_ready",
+        node=getattr(sender, "hostname", None),
+        pool=pool_name(pool_cls) if pool_cls is not None else None,
+    )
 
 
 app = create_app()
