@@ -240,7 +240,15 @@ class AsyncCalls:
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
+        while True:
+            try:
+                self.loop.run_forever()
+                return  # stopped by drain()
+            except BaseException as err:
+                # A SystemExit or KeyboardInterrupt raised in a task a handler started
+                # (not the handler's own: _guarded catches those) comes out of
+                # run_forever; the loop serves the other calls on.
+                log.error("async_loop_error", error=f"{type(err).__name__}: {err}")
 
     @property
     def in_flight(self) -> int:
