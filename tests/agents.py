@@ -282,3 +282,69 @@ async def async_cancellable(task: TaskView) -> dict[str, Any]:
         raise
     counter.set(key(f"returned:{task.id}"), 1)
     return {"cancelled": task.cancelled}
+
+
+# -- the async executor (tests/integration/test_async_executor.py, tests/chaos) ----------
+
+# Counts calls in flight (``inflight``) and the most seen at once (``max_inflight``).
+_GAUGE_UP = """
+local now = redis.call('INCR', KEYS[1])
+if now > tonumber(redis.call('GET', KEYS[2]) or '0') then redis.call('SET', KEYS[2], now) end
+return now
+"""
+_gates: dict[tuple[int, str], tuple[asyncio.Event, asyncio.Task[None]]] = {}
+
+
+async def _gate(name: str) -> None:
+    """Wait until the counter Redis has the key ``gate:<name>``: one watcher per event loop
+    and gate looks every 0.1 s, however many calls wait on it."""
+    loop = asyncio.get_running_loop()
+    found = _gates.get((id(loop), name))
+    if found is None:
+        opened = asyncio.Event()
+
+        async def watch() -> None:
+            while not _pid_counter().exists(key(f"gate:{name}")):
+                await asyncio.sleep(0.1)
+            opened.set()
+
+        found = _gates[(id(loop), name)] = (opened, loop.create_task(watch()))
+    await found[0].wait()
+
+
+@agent("async_gauge_agent", task_types=["async_gauge"], time_limit_s=300, max_attempts=10)
+async def async_gauge(task: TaskView) -> dict[str, Any]:
+    """Counts the call (``calls:<id>``, ``pid:<id>``) and the calls in flight (``inflight``,
+    ``max_inflight``); awaits the gate ``gate`` names (else ``sleep_s``, default 0.2); notes
+    a cancel it sees (``cancelled:<id>``); a call that returns notes ``finished:<id>`` and
+    pushes its run id on ``runs:<id>`` just before returning (as the chaos agents do)."""
+    counter = _note_start(task)
+    counter.eval(_GAUGE_UP, 2, key("inflight"), key("max_inflight"))
+    try:
+        gate = task.payload.get("gate")
+        if gate:
+            await _gate(str(gate))
+        else:
+            await asyncio.sleep(float(task.payload.get("sleep_s", 0.2)))
+    except asyncio.CancelledError:
+        counter.incr(key(f"cancelled:{task.id}"))
+        raise
+    finally:
+        counter.decr(key("inflight"))
+    run = uuid.uuid4().hex[:12]
+    pipe = counter.pipeline(transaction=False)
+    pipe.incr(key(f"finished:{task.id}"))
+    pipe.rpush(key(f"runs:{task.id}"), run)
+    pipe.execute()
+    return {"task": task.id, "run": run, "attempt": task.attempt}
+
+
+@agent("async_svc_agent", task_types=["async_svc"], fail_max=2, reset_timeout_s=3, max_attempts=20)
+async def async_svc(task: TaskView) -> dict[str, Any]:
+    """An async call to a service that is down while ``async_svc:down`` is "1"; counts
+    calls per task (``calls:<id>``)."""
+    counter = _note_start(task)
+    await asyncio.sleep(0.01)
+    if counter.get(key("async_svc:down")) == b"1":
+        raise ConnectionError("tax service unreachable (async)")
+    return {"served": task.id, "attempt": task.attempt}

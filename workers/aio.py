@@ -37,8 +37,9 @@ returns later is discarded. A cancelled task (``taskrail cancel``): the keeper's
 reaches the loop at once (no polling per call), the coroutine is cancelled the same
 way, nothing is written.
 
-Shutdown (a warm stop, SIGTERM): the worker stops taking messages and waits up to
-``TASKRAIL_ASYNC_DRAIN_S`` for the calls in flight; those still running then are
+Shutdown (a warm stop, SIGTERM): the worker stops taking messages (a hop still waiting
+for a slot gives its attempt back) and waits up to ``TASKRAIL_ASYNC_DRAIN_S`` for the
+calls in flight; those still running then are
 cancelled and their attempts given back unused (re-sent), so another worker runs them.
 """
 
@@ -380,6 +381,16 @@ def install(app: Celery) -> None:
         )
     )
     app.steps["worker"].add(AsyncCallsOption)
+
+
+@signals.worker_shutting_down.connect
+def _stop_starting(**_: object) -> None:
+    # A warm stop begins (in the signal handler): a hop waiting for a slot gives its
+    # attempt back at once. Celery's pool waits for its hops before worker_shutdown, so
+    # a full executor's stop would otherwise wait until a call in flight ended.
+    current = _calls
+    if current is not None and current[0] == os.getpid():
+        current[1].closing = True
 
 
 @signals.worker_shutdown.connect
