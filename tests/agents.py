@@ -348,3 +348,29 @@ async def async_svc(task: TaskView) -> dict[str, Any]:
     if counter.get(key("async_svc:down")) == b"1":
         raise ConnectionError("tax service unreachable (async)")
     return {"served": task.id, "attempt": task.attempt}
+
+
+@agent("async_chaos_agent", task_types=["async_chaos"], max_attempts=10, time_limit_s=60)
+async def async_chaos(task: TaskView) -> dict[str, Any]:
+    """The chaos agent, async: counts calls (``calls:<id>``) and calls in flight
+    (``inflight``, ``max_inflight``; a killed call stays counted), notes each call's pid
+    (``pid:<id>``, and ``callpids:<id>`` in call order), awaits ``sleep_s`` (plus
+    ``first_sleep_s`` on the first call) and pushes its run id on ``runs:<id>`` just
+    before returning."""
+    counter = _pid_counter()
+    pipe = counter.pipeline(transaction=False)
+    pipe.incr(key(f"calls:{task.id}"))
+    pipe.set(key(f"pid:{task.id}"), os.getpid())
+    pipe.rpush(key(f"callpids:{task.id}"), os.getpid())
+    pipe.eval(_GAUGE_UP, 2, key("inflight"), key("max_inflight"))
+    calls = int(pipe.execute()[0])
+    sleep_s = float(task.payload.get("sleep_s", 0))
+    if calls == 1:
+        sleep_s += float(task.payload.get("first_sleep_s", 0))
+    try:
+        await asyncio.sleep(sleep_s)
+    finally:
+        counter.decr(key("inflight"))
+    run = uuid.uuid4().hex[:12]
+    counter.rpush(key(f"runs:{task.id}"), run)
+    return {"task": task.id, "run": run, "call": calls, "attempt": task.attempt}
