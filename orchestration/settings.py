@@ -108,6 +108,14 @@ class Settings(BaseSettings):
             "(the async executor; 0: off, `--async-calls` overrides)"
         ),
     )
+    sync_calls: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "sync handlers a worker runs at a time on threads of their own, the execute "
+            "hop returning at once (0: off, `--sync-calls` overrides)"
+        ),
+    )
     async_drain_s: float = Field(
         default=c.DEFAULT_ASYNC_DRAIN_S,
         ge=0,

@@ -374,3 +374,17 @@ async def async_chaos(task: TaskView) -> dict[str, Any]:
     run = uuid.uuid4().hex[:12]
     counter.rpush(key(f"runs:{task.id}"), run)
     return {"task": task.id, "run": run, "call": calls, "attempt": task.attempt}
+
+
+@agent("sync_gauge_agent", task_types=["sync_gauge"], time_limit_s=300, max_attempts=10)
+def sync_gauge(task: TaskView) -> dict[str, Any]:
+    """A sync call of ``sleep_s`` (default 0.5): counts it (``calls:<id>``) and the calls in
+    flight (``inflight``, ``max_inflight``), and ``finished:<id>`` when it returns."""
+    counter = _note_start(task)
+    counter.eval(_GAUGE_UP, 2, key("inflight"), key("max_inflight"))
+    try:
+        time.sleep(float(task.payload.get("sleep_s", 0.5)))
+    finally:
+        counter.decr(key("inflight"))
+    counter.incr(key(f"finished:{task.id}"))
+    return {"task": task.id, "attempt": task.attempt}

@@ -53,7 +53,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import click
@@ -61,6 +61,7 @@ from celery import Celery, bootsteps, signals
 
 from orchestration.agents import AgentSpec, TaskView
 from orchestration.logging import get_logger
+from orchestration.settings import Settings
 from workers.calls import (
     CANCELLED_REASON,
     RECANCEL_AFTER_S,
@@ -70,13 +71,17 @@ from workers.calls import (
     Kind,
     classify,
     discarded,
+    handler_thread_pool,
     not_awaited,
     time_limit_reason,
 )
+from workers.celery_app import pool_left_to_default
 
 log = get_logger("taskrail.hop")
 
 SHUTDOWN = "shutdown"
+# What a worker started with no pool flag hands over: (async calls, sync calls).
+PLAIN_WORKER_LIMITS = (4000, 200)
 # Threads that write outcomes (breaker verdict, compare-and-set, next hop): the
 # database work of a finished call, kept off the event loop.
 OUTCOME_THREADS = 4
@@ -129,8 +134,16 @@ class _Run:
         if self.stop.is_set():  # cancelled before it started
             self.finish(CallOutcome(Kind.CANCELLED, reason=CANCELLED_REASON))
             return
-        self.task = loop.create_task(_guarded(self.spec, self.view), context=self.context)
-        self.task.add_done_callback(self.ended)
+        if self.spec.is_async:
+            self.task = loop.create_task(_guarded(self.spec, self.view), context=self.context)
+            self.task.add_done_callback(self.ended)
+        else:  # a sync handler: on a handler thread, its end reported to the loop
+            thread_call = handler_thread_pool().submit(
+                self.context.copy().run, self.spec.handler, self.view
+            )
+            thread_call.add_done_callback(
+                lambda done: loop.call_soon_threadsafe(self.thread_ended, done)
+            )
         self.timer = loop.call_later(self.spec.time_limit_s, self.give_up, TIME_LIMIT)
 
     def give_up(self, why: str) -> None:
@@ -186,6 +199,23 @@ class _Run:
                 outcome = CallOutcome(Kind.RESULT, result=value)
         self.finish(outcome)
 
+    def thread_ended(self, done: Future[Any]) -> None:
+        """A sync handler's thread ended (``done`` holds what it returned or raised)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        err = done.exception()
+        if self.why:  # given up on already (a thread cannot be cancelled): discarded
+            if self.why != SHUTDOWN:
+                discarded(self.view.id, "raised" if err is not None else "returned", self.why)
+            return
+        if err is not None:
+            outcome = classify(err)
+        elif _is_awaitable(value := done.result()):
+            outcome = not_awaited(self.spec, value)
+        else:
+            outcome = CallOutcome(Kind.RESULT, result=value)
+        self.finish(outcome)
+
     def finish(self, outcome: CallOutcome) -> None:
         self.concluded = True
         self.owner.outcomes.submit(self.write, outcome)
@@ -223,11 +253,20 @@ async def _guarded(spec: AgentSpec, view: TaskView) -> tuple[object, Any]:
 
 
 class AsyncCalls:
-    """The event loop of this process, its thread, its slots and its outcome writers."""
+    """The event loop of this process, its thread, its slots and its outcome writers.
 
-    def __init__(self, limit: int, *, outcome_threads: int = OUTCOME_THREADS) -> None:
+    ``limit``: async calls in flight at most (0: none are taken); ``sync_limit``: sync
+    calls handed over to handler threads at most (0: sync handlers are not taken, they
+    run in their hop's thread).
+    """
+
+    def __init__(
+        self, limit: int, *, sync_limit: int = 0, outcome_threads: int = OUTCOME_THREADS
+    ) -> None:
         self.limit = limit
-        self._slots = threading.BoundedSemaphore(limit)
+        self.sync_limit = sync_limit
+        self._slots = threading.BoundedSemaphore(max(limit, 1))
+        self._sync_slots = threading.BoundedSemaphore(max(sync_limit, 1))
         self.loop = asyncio.new_event_loop()
         self.outcomes = ThreadPoolExecutor(outcome_threads, thread_name_prefix="taskrail-outcome")
         self._runs: set[_Run] = set()
@@ -259,19 +298,24 @@ class AsyncCalls:
     def new_stop(self) -> RunStop:
         return RunStop()
 
+    def takes(self, spec: AgentSpec) -> bool:
+        """Whether ``spec``'s calls are handed over to this executor."""
+        return (self.limit if spec.is_async else self.sync_limit) > 0
+
     def start(self, spec: AgentSpec, view: TaskView, stop: RunStop, conclude: Conclude) -> bool:
         """Hand ``spec``'s call on ``view`` to the loop, waiting for a free slot first.
 
         Returns False (nothing started) once the executor is shutting down. ``conclude``
         is called once with the outcome, on an outcome thread.
         """
-        while not self._slots.acquire(timeout=0.5):
+        slots = self._slots_for(spec)
+        while not slots.acquire(timeout=0.5):
             if self.closing:
                 return False
         run = _Run(self, spec, view, stop, conclude, contextvars.copy_context())
         with self._lock:
             if self.closing:
-                self._slots.release()
+                slots.release()
                 return False
             self._runs.add(run)
 
@@ -282,12 +326,15 @@ class AsyncCalls:
         self.loop.call_soon_threadsafe(run.begin)
         return True
 
+    def _slots_for(self, spec: AgentSpec) -> threading.BoundedSemaphore:
+        return self._slots if spec.is_async else self._sync_slots
+
     def done(self, run: _Run) -> None:
         with self._lock:
             self._runs.discard(run)
             if not self._runs:
                 self._idle.notify_all()
-        self._slots.release()
+        self._slots_for(run.spec).release()
 
     def drain(self, grace_s: float) -> int:
         """Stop taking calls; wait up to ``grace_s`` for those in flight to end, then give
@@ -312,29 +359,49 @@ class AsyncCalls:
 
 # -- this process's executor ---------------------------------------------------------
 
-_limit: int | None = None  # from `--async-calls`; None: the TASKRAIL_ASYNC_CALLS setting
+# From the worker's command line (`--async-calls`, `--sync-calls`); None: not given there.
+_given: dict[str, int | None] = {"async_calls": None, "sync_calls": None}
+# True in a worker started with no pool flag (workers.celery_app: taskrail's default
+# pool): it hands over both kinds of call by default (PLAIN_WORKER_LIMITS).
+_plain_worker = False
 _calls: tuple[int, AsyncCalls] | None = None
 _calls_lock = threading.Lock()
 
 
-def set_limit(limit: int | None) -> None:
-    global _limit
-    _limit = limit
+def set_limit(limit: int | None, *, sync: bool = False) -> None:
+    _given["sync_calls" if sync else "async_calls"] = limit
 
 
-def executor(default_limit: int) -> AsyncCalls | None:
-    """This process's async executor, built on first use; None when it is off."""
+def limits(settings: Settings) -> tuple[int, int]:
+    """(async calls, sync calls) this process hands over: the command line's, else the
+    ``TASKRAIL_ASYNC_CALLS`` / ``TASKRAIL_SYNC_CALLS`` settings when set, else the plain
+    worker's defaults (a worker started with no pool flag), else none."""
+    chosen = []
+    for name, plain in zip(("async_calls", "sync_calls"), PLAIN_WORKER_LIMITS, strict=True):
+        given = _given[name]
+        if given is None:
+            if name in settings.model_fields_set:
+                given = int(getattr(settings, name))
+            else:
+                given = plain if _plain_worker else 0
+        chosen.append(given)
+    return chosen[0], chosen[1]
+
+
+def executor(settings: Settings) -> AsyncCalls | None:
+    """This process's executor of handed-over calls, built on first use; None when it
+    takes none."""
     global _calls
-    limit = _limit if _limit is not None else default_limit
-    if limit <= 0:
-        return None
     current = _calls
     if current is not None and current[0] == os.getpid():
         return current[1]
+    async_limit, sync_limit = limits(settings)
+    if async_limit <= 0 and sync_limit <= 0:
+        return None
     with _calls_lock:
         if _calls is None or _calls[0] != os.getpid():  # a forked child builds its own
-            _calls = (os.getpid(), AsyncCalls(limit))
-            log.info("async_executor_started", limit=limit)
+            _calls = (os.getpid(), AsyncCalls(async_limit, sync_limit=sync_limit))
+            log.info("async_executor_started", limit=async_limit, sync_limit=sync_limit)
         return _calls[1]
 
 
@@ -358,17 +425,25 @@ def shutdown(grace_s: float) -> None:
 
 
 class AsyncCallsOption(bootsteps.Step):
-    """Reads ``--async-calls`` (the worker's command line) in the worker's main process,
-    before a prefork pool forks its children."""
+    """Reads ``--async-calls`` and ``--sync-calls`` (the worker's command line) in the
+    worker's main process, before a prefork pool forks its children."""
 
-    def __init__(self, parent: Any, async_calls: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        parent: Any,
+        async_calls: int | None = None,
+        sync_calls: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         if async_calls is not None:
             set_limit(async_calls)
+        if sync_calls is not None:
+            set_limit(sync_calls, sync=True)
         super().__init__(parent, **kwargs)
 
 
 def install(app: Celery) -> None:
-    """Add ``--async-calls`` to ``celery -A workers worker``."""
+    """Add ``--async-calls`` and ``--sync-calls`` to ``celery -A workers worker``."""
     app.user_options["worker"].add(
         click.Option(
             ["--async-calls"],
@@ -380,7 +455,30 @@ def install(app: Celery) -> None:
             ),
         )
     )
+    app.user_options["worker"].add(
+        click.Option(
+            ["--sync-calls"],
+            type=click.IntRange(min=0),
+            default=None,
+            help=(
+                "taskrail: run sync handlers on threads of their own, the execute hop "
+                "returning at once, at most this many at a time (0: off, they run in "
+                "the hop's thread; default TASKRAIL_SYNC_CALLS)."
+            ),
+        )
+    )
     app.steps["worker"].add(AsyncCallsOption)
+
+
+@signals.worker_init.connect
+def _plain_worker_defaults(sender: Any = None, **_: object) -> None:
+    # A worker started with no pool flag runs taskrail's default pool (solo, set by
+    # workers.celery_app on this same signal): one process that reads the broker and
+    # runs the hops, so it hands every handler's call over (both kinds) instead of
+    # waiting for it in the hop.
+    global _plain_worker
+    if sender is not None and pool_left_to_default(sender.app):
+        _plain_worker = True
 
 
 @signals.worker_shutting_down.connect

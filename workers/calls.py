@@ -87,7 +87,8 @@ _pool_lock = threading.Lock()
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 
 
-def _handler_pool() -> ThreadPoolExecutor:
+def handler_thread_pool() -> ThreadPoolExecutor:
+    """This process's handler threads (a forked child builds its own)."""
     global _pool
     with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():  # a forked child builds its own
@@ -229,9 +230,9 @@ def call(spec: AgentSpec, view: TaskView) -> CallOutcome:
     context = contextvars.copy_context()
     if spec.is_async:
         deadline = time.monotonic() + spec.time_limit_s
-        future = _handler_pool().submit(context.run, _run_async, spec, view, deadline)
+        future = handler_thread_pool().submit(context.run, _run_async, spec, view, deadline)
     else:
-        future = _handler_pool().submit(context.run, spec.handler, view)
+        future = handler_thread_pool().submit(context.run, spec.handler, view)
     try:
         result = _wait(future, view, spec.time_limit_s)
     except _Abandoned as err:  # the loop cancelled it before the hop stopped waiting

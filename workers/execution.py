@@ -227,9 +227,10 @@ def run_claimed(
             ),
         )
         return
-    # The async executor takes async handlers (workers.aio); the rest run in this thread.
-    loop_calls = aio.executor(rt.settings.async_calls) if spec.is_async else None
-    if claimed.isolated:
+    # Handed over to the executor of this process's calls (workers.aio: async handlers
+    # with --async-calls, sync ones with --sync-calls), or run in this thread.
+    loop_calls = None if claimed.isolated else aio.executor(rt.settings)
+    if loop_calls is not None and not loop_calls.takes(spec):
         loop_calls = None
     # Set by the lease keeper when the run is no longer wanted.
     stop = loop_calls.new_stop() if loop_calls is not None else threading.Event()

@@ -11,11 +11,13 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
 
 from orchestration import api
 from orchestration import constants as c
 from orchestration.api import NewTask
 from orchestration.settings import Settings
+from tests.agents import key
 from tests.support import WorkerFleet, WorkerProcess, wait_until_resting
 
 pytestmark = pytest.mark.integration
@@ -68,3 +70,30 @@ def test_the_worker_runs_the_pool_it_was_given_or_taskrails_default(
     )
     final = wait_until_resting(server_settings.effective_database_url, ids, timeout=60)
     assert set(final.values()) == {"completed"}, final
+
+
+@pytest.mark.parametrize("kind", ["sync_gauge", "async_gauge"])
+def test_the_plain_worker_keeps_many_slow_calls_in_flight_in_one_process(
+    fleet: WorkerFleet, server_settings: Settings, counter_url: str, kind: str
+) -> None:
+    # Given `celery -A workers worker` with no pool flag: one solo process, all queues
+    worker = fleet.start(pool=None, concurrency=2)
+    assert _ready_pool(worker) == "solo"
+    # When 40 tasks whose handler waits 1.5 s on a slow call (sync or async) are submitted
+    ids = api.submit_many([NewTask(kind, n, {"sleep_s": 1.5}) for n in range(40)])
+    final = wait_until_resting(server_settings.effective_database_url, ids, timeout=120)
+    # Then every one completed, each handler called and finished once, one attempt each
+    assert set(final.values()) == {"completed"}, worker.log()[-3000:]
+    counter = redis.Redis.from_url(counter_url)
+    try:
+        for task_id in ids:
+            assert int(counter.get(key(f"calls:{task_id}")) or 0) == 1
+            assert int(counter.get(key(f"finished:{task_id}")) or 0) == 1
+            assert api.get(task_id).attempts == 1
+        # and many calls were in flight at once, in the one process (handed over by its
+        # hops: sync ones to handler threads, async ones to its event loop)
+        assert int(counter.get(key("max_inflight")) or 0) > 10
+    finally:
+        counter.close()
+    assert '"async_executor_started"' in worker.log()
+    assert _children(worker.proc.pid) == []

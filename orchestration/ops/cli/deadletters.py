@@ -74,5 +74,3 @@ def dead_purge(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         print_json({"purged": count})
         return
     out.print(Text(f"purged {count} dead letters from {store.where}"))
-
-
