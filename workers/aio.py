@@ -26,9 +26,13 @@ SIGKILL mid-call costs what it costs on any executor: the call runs again, once.
 Turn it on with ``celery -A workers worker --async-calls N`` (or
 ``TASKRAIL_ASYNC_CALLS=N``): at most N calls in flight in the process. Off (0, the
 default) an async handler runs in its hop's thread on a loop of its own
-(:mod:`workers.calls`), as a sync handler does. Only async handlers are handed over; a
-sync handler, or a task that runs isolated (a process of its own), is called in the
-hop's thread as before.
+(:mod:`workers.calls`), as a sync handler does. ``--sync-calls M`` (or
+``TASKRAIL_SYNC_CALLS``) hands sync handlers over too, to handler threads (at most M),
+their end reported to the loop, which keeps their time limit and cancel (a thread cannot
+be stopped: the run is settled at once and what it returns later is discarded). A worker
+started with no pool flag (taskrail's default pool, solo) hands both over by default
+(``PLAIN_WORKER_LIMITS``). A task that runs isolated (a process of its own) is called in
+the hop's thread as before.
 
 Time limit: at ``time_limit_s`` the run's outcome is a timeout at once (the attempt
 counts) and its coroutine is cancelled (``CancelledError`` at its ``await``), again
