@@ -112,7 +112,13 @@ def send_execute(
     rt.dispatcher.send(c.HOP_EXECUTE, args, countdown=countdown)
 
 
-def take_lease(rt: Runtime, task_id: int, attempts: int, token: str | None) -> leases.Claim | None:
+def take_lease(
+    rt: Runtime,
+    task_id: int,
+    attempts: int,
+    token: str | None,
+    spec: AgentSpec | None = None,
+) -> leases.Claim | None:
     """The lease for attempt ``attempts + 1``, as the database grants it, or None.
 
     One statement in the common case (a pre-claim adopted, or the next attempt
@@ -120,14 +126,22 @@ def take_lease(rt: Runtime, task_id: int, attempts: int, token: str | None) -> l
     why: a lease still held makes the message wait for it (re-sent with a countdown),
     a lease that expired under a dead worker is taken over, anything else is a
     duplicate or stale message.
+
+    A take-over isolates the task (its handler runs in a process of its own from then
+    on), except for a call this process hands over (``spec``'s, workers.aio): that one
+    shared its process with many others, so it is isolated only when the process of a
+    run that had already taken over dies too (``leases.took_over``).
     """
     ttl_s = rt.settings.lease_ttl_s
     mine = leases.run_token(rt.worker)
     if token is None:
         claimed = leases.take(rt.db, task_id, attempts, mine, ttl_s)
+    elif leases.is_run_token(token):
+        claimed = take_over(rt, task_id, attempts, token, spec)
     else:
-        how = leases.Take.TAKE_OVER if leases.is_run_token(token) else leases.Take.ADOPT
-        claimed = leases.take(rt.db, task_id, attempts, mine, ttl_s, how=how, prior=token)
+        claimed = leases.take(
+            rt.db, task_id, attempts, mine, ttl_s, how=leases.Take.ADOPT, prior=token
+        )
     if claimed is not None:
         return claimed
     row = leases.describe(rt.db, task_id)
@@ -149,14 +163,35 @@ def take_lease(rt: Runtime, task_id: int, attempts: int, token: str | None) -> l
             )
             return None
         if leases.is_run_token(owner):
-            taken = leases.take(
-                rt.db, task_id, attempts, mine, ttl_s, how=leases.Take.TAKE_OVER, prior=owner
-            )
+            taken = take_over(rt, task_id, attempts, owner, spec)
             if taken is not None:
-                log.warning("lease_taken_over", task_id=task_id, dead_owner=owner)
                 return taken
     explain_stale(rt, task_id, f"in_progress at attempt {attempts + 1}")
     return None
+
+
+def take_over(
+    rt: Runtime, task_id: int, attempts: int, dead: str, spec: AgentSpec | None
+) -> leases.Claim | None:
+    """Take over the run whose lease ``dead`` expired (its worker died), isolated unless
+    the call is handed over here and ``dead`` had not itself taken over a run."""
+    calls_here = aio.executor(rt.settings) if spec is not None else None
+    handed_over = spec is not None and calls_here is not None and calls_here.takes(spec)
+    isolate = not handed_over or leases.took_over(dead)
+    mine = leases.run_token(rt.worker) if isolate else leases.taken_over_token(rt.worker)
+    taken = leases.take(
+        rt.db,
+        task_id,
+        attempts,
+        mine,
+        rt.settings.lease_ttl_s,
+        how=leases.Take.TAKE_OVER,
+        prior=dead,
+        isolate=isolate,
+    )
+    if taken is not None:
+        log.warning("lease_taken_over", task_id=task_id, dead_owner=dead, isolated=taken.isolated)
+    return taken
 
 
 def execute(
@@ -172,7 +207,7 @@ def execute(
         except BreakerOpen as refused:
             defer(rt, task_id, attempts, spec, refused, token)
             return
-    claimed = take_lease(rt, task_id, attempts, token)
+    claimed = take_lease(rt, task_id, attempts, token, spec)
     if claimed is None:
         if breaker is not None and permit is not None:
             breaker.abandon(permit)

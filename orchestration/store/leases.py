@@ -70,6 +70,21 @@ def is_run_token(token: str) -> bool:
     return token.startswith(c.RUN_TOKEN_PREFIX)
 
 
+# Ends the token of a run that took over a dead worker's run without being isolated
+# (:func:`take`'s ``isolate=False``): if that run's worker dies too, it is.
+TAKEN_OVER_MARK = "+t"
+
+
+def taken_over_token(worker: str) -> str:
+    """A run token that says the run took over a dead worker's run."""
+    return run_token(worker) + TAKEN_OVER_MARK
+
+
+def took_over(token: str | None) -> bool:
+    """Whether ``token`` names a run that had taken over a dead worker's run."""
+    return token is not None and is_run_token(token) and token.endswith(TAKEN_OVER_MARK)
+
+
 class Take(enum.Enum):
     """How :func:`take` may take a task's lease."""
 
@@ -86,7 +101,7 @@ _TAKE_WHERE = {
 _TAKE_SET = {
     Take.NEXT: ", attempts = attempts + 1",
     Take.ADOPT: "",
-    Take.TAKE_OVER: ", isolated = :isolated",
+    Take.TAKE_OVER: ", isolated = (isolated OR :isolated)",
 }
 
 
@@ -126,14 +141,16 @@ def take(
     *,
     how: Take = Take.NEXT,
     prior: str | None = None,
+    isolate: bool = True,
 ) -> Claim | None:
     """Take the lease of ``task_id``'s handler run as ``token``; None if not to be had.
 
     ``attempts`` is the attempts done before the run taken: :attr:`Take.NEXT` counts
     that run on a row with ``attempts`` counted; :attr:`Take.ADOPT` and
     :attr:`Take.TAKE_OVER` (which need the ``prior`` owner) take a run already counted.
-    A take-over marks the task isolated. One statement; the row's payload comes back
-    with it. Raises DatabaseUnavailable.
+    A take-over marks the task isolated (``isolate=False``: not now; a task once
+    isolated stays so). One statement; the row's payload comes back with it. Raises
+    DatabaseUnavailable.
     """
     now = utcnow()
     params: dict[str, Any] = {
@@ -147,7 +164,7 @@ def take(
     if how is not Take.NEXT:
         params["prior"] = prior
     if how is Take.TAKE_OVER:
-        params["isolated"] = True
+        params["isolated"] = isolate
     with db.connect(autocommit=True) if db.is_postgres else db.begin() as conn:
         row = conn.execute(_take_sql(how), params).mappings().first()
     if row is None:

@@ -17,7 +17,9 @@ from orchestration import constants as c
 from orchestration.agents import Escalate, TaskView
 from orchestration.breakers import BreakerOpen, Permit
 from orchestration.models import TaskStatus, utcnow
+from orchestration.store import leases
 from tests.unit.workers.conftest import AGENT, OTHER, World
+from workers import aio
 from workers.calls import CallOutcome, Kind
 from workers.execution import execute
 
@@ -96,7 +98,7 @@ def test_an_expired_run_lease_named_by_the_message_is_taken_over_isolated(world:
     row = world.row(task_id)
     assert row["isolated"] is True or row["isolated"] == 1
     assert (row["status"], row["attempts"]) == (TaskStatus.COMPLETED, 1)
-    assert "lease_taken_over" not in _events(log)  # taken by name, not found on the row
+    assert "lease_taken_over" in _events(log)
 
 
 def test_an_expired_run_lease_found_on_the_row_is_taken_over(world: World) -> None:
@@ -544,3 +546,85 @@ def test_a_successful_call_ends_a_deferral(world: World) -> None:
         None,
         None,
     )
+
+
+# -- take-overs of calls handed over (workers.aio) --------------------------------------
+
+
+class _HandsOver:
+    """Stands in for this process's executor of handed-over calls: it takes every agent
+    and runs the world's fake call at once, on the hop's thread."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.tokens: list[str] = []
+
+    def takes(self, spec: Any) -> bool:
+        return True
+
+    def new_stop(self) -> aio.RunStop:
+        return aio.RunStop()
+
+    def start(self, spec: Any, view: TaskView, stop: aio.RunStop, conclude: Any) -> bool:
+        self.tokens.append(str(self.world.row(view.id)["lease_owner"]))
+        conclude(self.world.handler.call(spec, view), False)
+        return True
+
+
+def test_a_handed_over_call_taken_over_from_a_dead_worker_runs_on_not_isolated(
+    world: World, monkeypatch: Any
+) -> None:
+    # Given calls handed over to this process's executor, and a task whose worker died
+    executor = _HandsOver(world)
+    monkeypatch.setattr(aio, "executor", lambda settings: executor)
+    task_id = world.task(attempts=1, owner=DEAD_RUN, expires_in_s=-5)
+    # When the message naming the dead run's lease is taken
+    with capture_logs() as log:
+        execute(world.rt, task_id, 0, AGENT, DEAD_RUN)
+    # Then the same attempt runs again handed over, not isolated (its process was shared
+    # by many calls: one death does not mark them all), under a token that says so
+    [call] = world.handler.calls
+    assert (call.isolated, call.view.attempt) == (False, 1)
+    [token] = executor.tokens
+    assert token.endswith(leases.TAKEN_OVER_MARK) and leases.took_over(token)
+    row = world.row(task_id)
+    assert not row["isolated"]
+    assert (row["status"], row["attempts"]) == (TaskStatus.COMPLETED, 1)
+    [taken] = [e for e in log if e["event"] == "lease_taken_over"]
+    assert taken["isolated"] is False
+
+
+def test_a_handed_over_call_whose_take_over_dies_too_runs_isolated(
+    world: World, monkeypatch: Any
+) -> None:
+    # Given a task whose run had already taken over a dead worker's run, and died too
+    executor = _HandsOver(world)
+    monkeypatch.setattr(aio, "executor", lambda settings: executor)
+    twice_dead = DEAD_RUN + leases.TAKEN_OVER_MARK
+    for named in (twice_dead, None):  # named by the message, or found on the row
+        world.handler.calls.clear()
+        task_id = world.task(attempts=1, owner=twice_dead, expires_in_s=-5)
+        # When its run is taken over
+        execute(world.rt, task_id, 0, AGENT, named)
+        # Then it runs isolated, in a process of its own, and stays marked so
+        [call] = world.handler.calls
+        assert (call.isolated, call.view.attempt) == (True, 1)
+        row = world.row(task_id)
+        assert row["isolated"] is True or row["isolated"] == 1
+        assert row["status"] == TaskStatus.COMPLETED
+    assert executor.tokens == []  # never handed over
+
+
+def test_an_isolated_task_stays_isolated_when_taken_over_again(
+    world: World, monkeypatch: Any
+) -> None:
+    # Given a task already isolated, whose run's worker died, on an executor that hands over
+    monkeypatch.setattr(aio, "executor", lambda settings: _HandsOver(world))
+    task_id = world.task(attempts=1, owner=DEAD_RUN, expires_in_s=-5)
+    world.set(task_id, isolated=True)
+    # When its run is taken over
+    execute(world.rt, task_id, 0, AGENT, DEAD_RUN)
+    # Then it is still isolated, and ran so
+    assert [call.isolated for call in world.handler.calls] == [True]
+    row = world.row(task_id)
+    assert row["isolated"] is True or row["isolated"] == 1
