@@ -356,9 +356,25 @@ class AsyncCalls:
             while self._runs:
                 self._idle.wait(1.0)
         self.outcomes.shutdown(wait=True)
+        # Coroutines given up on (or started by handlers) may still be ending: cancel what
+        # is left and give it a moment, so the loop stops with no task pending.
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_cancel_the_rest(), self.loop).result(
+                RECANCEL_AFTER_S * 2
+            )
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5.0)
+        if not self._thread.is_alive():
+            self.loop.close()
         return len(left_over)
+
+
+async def _cancel_the_rest() -> None:
+    rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    if rest:
+        await asyncio.wait(rest, timeout=RECANCEL_AFTER_S)
 
 
 # -- this process's executor ---------------------------------------------------------
