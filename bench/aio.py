@@ -31,8 +31,9 @@ CPU per task no higher than the threads executor's on the 200 ms workload; 200 m
 async executor >= 1.5x the threads executor; latency p50 <= 1.2x, p99 <= 1.5x the
 baseline's.
 
-``--sweep 8x4000,32x4000`` runs only the LLM-shaped workload on the async executor with
-each ``K x N`` (hop threads x async calls), one line each, to pick the deployment.
+``--sweep 8x4000,32x4000,8x4000p16`` runs only the LLM-shaped workload on the async
+executor with each ``K x N`` (hop threads x async calls, K = 0: ``--pool solo``; ``pM``:
+prefetch multiplier M, default 1), one line each, to pick the deployment.
 
 usage: python bench/aio.py [-n 6000] [--work-ms 5000] [--slow-n 2000] [--io-n 3000]
                            [--hop-threads 8] [--async-calls 4000] [--rounds 3]
@@ -109,13 +110,16 @@ def hop_workers(k: int) -> list[cm.Proc]:
     return [cm.Proc("solo", 1, "taskrail.hops,taskrail.control") for _ in range(k)]
 
 
-def async_procs(hop_threads: int, async_calls: int, hops: int = 2) -> list[cm.Proc]:
-    """Two solo hop workers and the async executor (threads pool, ``--async-calls``)."""
+def async_procs(
+    hop_threads: int, async_calls: int, hops: int = 2, prefetch: int = 1
+) -> list[cm.Proc]:
+    """Two solo hop workers and the async executor (``--async-calls``): a threads pool of
+    ``hop_threads`` threads for the execute hops, or a solo pool when it is 0."""
     execute = cm.Proc(
-        "threads",
-        hop_threads,
+        "threads" if hop_threads else "solo",
+        hop_threads or 1,
         "taskrail.execute",
-        ("--async-calls", str(async_calls), "--prefetch-multiplier", "1"),
+        ("--async-calls", str(async_calls), "--prefetch-multiplier", str(prefetch)),
     )
     return [*hop_workers(hops), execute]
 
@@ -175,12 +179,13 @@ def med(rs: list[dict], key: str) -> float:
 
 def sweep(args: argparse.Namespace, side: SampledTaskrail) -> None:
     for spec in args.sweep.split(","):
-        k, n_calls, *outcome = (int(x) for x in spec.lower().split("x"))
-        procs = async_procs(k, n_calls)
+        spec, _, prefetch = spec.lower().partition("p")
+        k, n_calls, *outcome = (int(x) for x in spec.split("x"))
+        procs = async_procs(k, n_calls, prefetch=int(prefetch or 1))
         # K x N x O: O outcome threads, read by a --taskrail-app that sets them (diagnostics)
         env = {"BENCH_OUTCOME_THREADS": str(outcome[0])} if outcome else None
         r = run(side, procs, args.n, args.work_ms, env)
-        print(f"-c {k} --async-calls {n_calls} {env or ''}:", flush=True)
+        print(f"{cm.describe_procs(procs[-1:])} {env or ''}:", flush=True)
         print(line("async", r), flush=True)
         for note in r["notes"]:
             print(f"  ! {note}")
@@ -193,7 +198,7 @@ def main() -> None:
     ap.add_argument("--slow-n", type=int, default=2000, help="LLM-shaped tasks, thread sides")
     ap.add_argument("--io-n", type=int, default=3000, help="200 ms workload tasks, each side")
     ap.add_argument("--io-work-ms", type=float, default=200.0)
-    ap.add_argument("--hop-threads", type=int, default=8, help="async executor: -c")
+    ap.add_argument("--hop-threads", type=int, default=8, help="async executor: -c (0: solo)")
     ap.add_argument("--async-calls", type=int, default=4000, help="async executor: calls")
     ap.add_argument("--threads", type=int, default=200, help="threads executor and baseline")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (medians are reported)")
@@ -251,8 +256,10 @@ def main() -> None:
                 print(f"  ! {note}")
 
     lat: dict[str, dict[str, float]] = {}
+    lat_gaps: dict[str, str] = {}
     if "latency" not in skip:
         pooled: dict[str, list[float]] = {}
+        gaps: dict[str, list[tuple[float, float]]] = {}
         solo2 = cm.same_procs("solo", 1, 2)
         for _ in range(args.latency_rounds):
             for name, side, procs in (
@@ -263,12 +270,38 @@ def main() -> None:
             ):
                 got = latency(side, procs, args.latency_n, args.latency_warmup, 0.05, 0.001)
                 pooled.setdefault(name, []).extend(got["observed"])
+                if isinstance(side, Taskrail):
+                    gaps.setdefault(name, []).extend(hop_gaps())
         lat = {name: summary(xs) for name, xs in pooled.items()}
+        lat_gaps = {name: gap_summary(xs) for name, xs in gaps.items()}
 
-    report(args, res, lat)
+    report(args, res, lat, lat_gaps)
 
 
-def report(args: argparse.Namespace, res: dict[str, list[dict]], lat: dict) -> None:
+def hop_gaps() -> list[tuple[float, float]]:
+    """Per task of the last run, ms from its assign to its start transition and from its
+    start to its complete transition (task_events.at of each)."""
+    with psycopg.connect(cm.pg_dsn(), autocommit=True) as c:
+        rows = c.execute(
+            "SELECT extract(epoch FROM s - a) * 1000, extract(epoch FROM f - s) * 1000 FROM ("
+            "SELECT max(at) FILTER (WHERE event = 'assign') AS a, max(at) FILTER (WHERE "
+            "event = 'start') AS s, max(at) FILTER (WHERE event = 'complete') AS f "
+            "FROM task_events GROUP BY task_id) AS e WHERE f IS NOT NULL"
+        ).fetchall()
+    return [(float(a), float(b)) for a, b in rows]
+
+
+def gap_summary(xs: list[tuple[float, float]]) -> str:
+    parts = []
+    for k, what in enumerate(("assign->start", "start->complete")):
+        vs = [x[k] for x in xs]
+        parts.append(f"{what} p50 {cm.pct(vs, 50):.2f} p99 {cm.pct(vs, 99):.2f}")
+    return ", ".join(parts)
+
+
+def report(
+    args: argparse.Namespace, res: dict[str, list[dict]], lat: dict, lat_gaps: dict[str, str]
+) -> None:
     print(f"\n== async agents (issue 22): medians of {args.rounds} round(s) ==")
     if "llm async" in res:
         report_llm(args, res)
@@ -283,7 +316,8 @@ def report(args: argparse.Namespace, res: dict[str, list[dict]], lat: dict) -> N
             ("with the servers, ms", "all_ms_task"),
             ("tasks/s 2 cores allow", "ceiling"),
         ):
-            print(f"  {what}: async {med(a, key):.2f}, threads {med(t, key):.2f}")
+            f = "{:.0f}" if key == "ceiling" else "{:.2f}"
+            print(f"  {what}: async {f.format(med(a, key))}, threads {f.format(med(t, key))}")
         print(f"  goal async >= {GOAL_IO_RATIO}x threads: {VERDICT[ra >= GOAL_IO_RATIO * rt]}")
     if lat:
         print(f"latency submit->completed, ms (idle workers, {args.latency_n} samples x "
@@ -292,6 +326,9 @@ def report(args: argparse.Namespace, res: dict[str, list[dict]], lat: dict) -> N
         for name, v in lat.items():
             print(f"  {name:9s} p50 {v['p50']:6.2f}  p95 {v['p95']:6.2f}  p99 {v['p99']:6.2f}  "
                   f"(min {v['min']:.2f}, max {v['max']:.2f})")  # fmt: skip
+        print("  between transitions (task_events.at), ms:")
+        for name, text in lat_gaps.items():
+            print(f"    {name:9s} {text}")
         for name in ("async", "threads", "solo"):
             for p, goal in GOAL_LATENCY.items():
                 ratio = lat[name][p] / lat["baseline"][p]
