@@ -145,9 +145,7 @@ class _Run:
             thread_call = handler_thread_pool().submit(
                 self.context.copy().run, self.spec.handler, self.view
             )
-            thread_call.add_done_callback(
-                lambda done: loop.call_soon_threadsafe(self.thread_ended, done)
-            )
+            thread_call.add_done_callback(lambda done: self.owner.to_loop(self.thread_ended, done))
         self.timer = loop.call_later(self.spec.time_limit_s, self.give_up, TIME_LIMIT)
 
     def give_up(self, why: str) -> None:
@@ -324,11 +322,17 @@ class AsyncCalls:
             self._runs.add(run)
 
         def cancelled() -> None:
-            self.loop.call_soon_threadsafe(run.give_up, CANCELLED_REASON)
+            self.to_loop(run.give_up, CANCELLED_REASON)
 
         stop.on_set = cancelled
         self.loop.call_soon_threadsafe(run.begin)
         return True
+
+    def to_loop(self, callback: Callable[..., object], *args: Any) -> None:
+        """Run ``callback(*args)`` on the loop, from any thread; nothing once the loop is
+        closed (a drain ended: the run it concerns was settled then)."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(callback, *args)
 
     def _slots_for(self, spec: AgentSpec) -> threading.BoundedSemaphore:
         return self._slots if spec.is_async else self._sync_slots
