@@ -19,11 +19,13 @@ Three workloads, each side on fresh workers, every round running every side:
   at once): the hand-written baseline on two solo workers, and taskrail's async and
   threads deployments.
 
-Figures: **tasks/s sustained** is the rate at which tasks finished between the 10% and
-the 90% mark (a 5 s call puts a 5 s tail after the last start that a rate over the whole
-run, N / seconds, also printed, charges to 6,000 tasks); **calls in flight** counts the
-tasks holding a run lease (``r:``), sampled with every completion poll (50 ms): the peak,
-and the mean between the 10% and the 90% mark; **CPU/task** over every worker process
+Figures: **tasks/s started** is N / (seconds - the call's time): the rate at which
+calls started (the last one a call's time before the end at the latest; a rate over the
+whole run, N / seconds, also printed, charges the last call's 5 s to 6,000 tasks); the
+rate at which tasks finished between the 10% and the 90% mark is printed too, but hops
+that ran ahead of the calls can flatter it; **calls in flight** = started x call time,
+and the tasks holding a run lease (``r:``), sampled with every completion poll (50 ms):
+the peak, and the mean between the 10% and the 90% mark; **CPU/task** over every worker process
 (split by process, then every postgres backend and the bench's redis-server); **peak
 RSS** of each worker process. The summary gives medians over rounds and the goals of
 issue 22: LLM-shaped >= 500 tasks/s, >= 2,500 calls in flight, the executor < 300 MB,
@@ -36,7 +38,7 @@ executor with each ``K x N`` (hop threads x async calls, K = 0: ``--pool solo``;
 prefetch multiplier M, default 1), one line each, to pick the deployment.
 
 usage: python bench/aio.py [-n 6000] [--work-ms 5000] [--slow-n 2000] [--io-n 3000]
-                           [--hop-threads 8] [--async-calls 4000] [--rounds 3]
+                           [--hop-threads 200] [--async-calls 4000] [--rounds 3]
                            [--skip llm,io200,latency] [--sweep KxN,...]
 """
 
@@ -145,7 +147,11 @@ def steady(side: Sampled, n: int, work_s: float) -> dict[str, float]:
 def run(side: Any, procs: list[cm.Proc], n: int, work_ms: float, env: dict | None = None) -> dict:
     r = throughput(side, procs, n, work_ms=work_ms, env=env, own_backends=True)
     r.update(steady(side, n, work_ms / 1000))
-    r["running"] = r["sustained"] * work_ms / 1000  # Little's law: calls inside the handler
+    # Calls started per second: no call can end before its wait, so the last one started
+    # a call's time before the end at the latest. Unlike the 10%-90% rate, this cannot
+    # be flattered by hops that ran ahead of the calls and left the CPU to the end.
+    r["started"] = n / max(1e-9, r["dt"] - work_ms / 1000)
+    r["running"] = r["started"] * work_ms / 1000  # Little's law: calls inside the handler
     r["cpu_ms_task"] = r["cpu_ms_hop"] * 3
     # What two cores would allow if nothing else ran: workers and servers together.
     r["all_ms_task"] = r["cpu_ms_task"] + sum(r["server_cpu_ms_task"].values())
@@ -158,8 +164,9 @@ def line(name: str, r: dict) -> str:
     peak = "" if r["peak"] != r["peak"] else f"peak {r['peak']:.0f}, "  # nan: not counted
     how = "mean" if peak else "by Little's law"
     return (
-        f"  {name:12s} {r['sustained']:6.0f} tasks/s sustained ({r['tasks_s']:.0f} over "
-        f"{r['dt']:.1f} s); run leases held {peak}{how} {r['mean']:.0f}; CPU/task "
+        f"  {name:12s} {r['started']:6.0f} tasks/s started (10%-90% {r['sustained']:.0f}; "
+        f"{r['tasks_s']:.0f} over {r['dt']:.1f} s); run leases held {peak}{how} "
+        f"{r['mean']:.0f}; CPU/task "
         f"{r['cpu_ms_task']:.2f} ms; peak RSS MB {rss}; busy {r['busy'] * 100:.0f}% "
         f"({r['idle_busy'] * 100:.0f}% before)\n"
         f"  {'':12s} CPU/task by process, ms: {cpu_split(r)}; with the servers "
@@ -198,7 +205,9 @@ def main() -> None:
     ap.add_argument("--slow-n", type=int, default=2000, help="LLM-shaped tasks, thread sides")
     ap.add_argument("--io-n", type=int, default=3000, help="200 ms workload tasks, each side")
     ap.add_argument("--io-work-ms", type=float, default=200.0)
-    ap.add_argument("--hop-threads", type=int, default=8, help="async executor: -c (0: solo)")
+    ap.add_argument(
+        "--hop-threads", type=int, default=200, help="async executor: -c (0: solo), as the Procfile"
+    )
     ap.add_argument("--async-calls", type=int, default=4000, help="async executor: calls")
     ap.add_argument("--threads", type=int, default=200, help="threads executor and baseline")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (medians are reported)")
@@ -342,7 +351,8 @@ def report_llm(args: argparse.Namespace, res: dict[str, list[dict]]) -> None:
           f"{args.slow_n}):")  # fmt: skip
     print(f"  {'':36s}{'async':>10s}{'threads':>10s}{'handwritten':>12s}")
     for what, key, f in (
-        ("tasks/s sustained (10%-90%)", "sustained", "{:.0f}"),
+        ("tasks/s, calls started", "started", "{:.0f}"),
+        ("tasks/s, finished 10%-90%", "sustained", "{:.0f}"),
         ("tasks/s, N / wall time", "tasks_s", "{:.0f}"),
         ("calls in the handler (rate x call)", "running", "{:.0f}"),
         ("run leases held, mean", "mean", "{:.0f}"),
@@ -358,10 +368,10 @@ def report_llm(args: argparse.Namespace, res: dict[str, list[dict]]) -> None:
     rss_h = statistics.median(r["proc_rss"][0] for r in h)
     print(f"  peak RSS, MB: async deployment: hop workers {rss[0]:.0f} / {rss[1]:.0f}, executor "
           f"{rss[2]:.0f}; threads executor {rss_t:.0f}; handwritten {rss_h:.0f}")  # fmt: skip
-    rate, running = med(a, "sustained"), med(a, "running")
-    print(f"  async x threads executor {rate / med(t, 'sustained'):.1f}, "
-          f"x handwritten {rate / med(h, 'sustained'):.1f}")  # fmt: skip
-    rounds = ", ".join(f"{r['sustained']:.0f}" for r in a)
+    rate, running = med(a, "started"), med(a, "running")
+    print(f"  async x threads executor {rate / med(t, 'started'):.1f}, "
+          f"x handwritten {rate / med(h, 'started'):.1f}")  # fmt: skip
+    rounds = ", ".join(f"{r['started']:.0f}" for r in a)
     print(f"  goal >= {GOAL_TASKS_S} tasks/s: {VERDICT[rate >= GOAL_TASKS_S]} ({rate:.0f}; "
           f"rounds {rounds})")  # fmt: skip
     print(f"  goal >= {GOAL_IN_FLIGHT} calls in flight: {VERDICT[running >= GOAL_IN_FLIGHT]} "
