@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import BigInteger, String, all_, any_, bindparam, or_, select, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from orchestration import constants as c
 from orchestration.logging import get_logger
@@ -21,6 +22,25 @@ log = get_logger("taskrail.leases")
 
 # A held lease is renewed when this share of its TTL is left.
 RENEW_MARGIN_FRACTION = 1 / 3
+
+_t = tasks_table
+# On PostgreSQL the keeper's two statements take their ids and tokens as two arrays: the
+# same statement text whatever the number of runs held (compiled once, prepared by the
+# server), where IN (...) lists cost ~47 ms of CPU a check at 2,500 runs held (~4 ms as
+# arrays; docs/performance.md, "Async agents").
+_PG_RENEW = (
+    update(_t)
+    .where(_t.c.lease_owner == any_(bindparam("tokens", type_=ARRAY(String))))
+    .values(lease_expires_at=bindparam("until", type_=_t.c.lease_expires_at.type))
+)
+_PG_CHECK = select(_t.c.id, _t.c.status, _t.c.lease_owner).where(
+    _t.c.id == any_(bindparam("ids", type_=ARRAY(BigInteger))),
+    or_(
+        _t.c.status != TaskStatus.IN_PROGRESS,
+        _t.c.lease_owner.is_(None),
+        _t.c.lease_owner != all_(bindparam("tokens", type_=ARRAY(String))),
+    ),
+)
 
 
 @dataclass(slots=True)
@@ -151,12 +171,15 @@ class LeaseKeeper:
             return 0
         t = tasks_table
         until = now + self.ttl_s
-        with self.db.connect(autocommit=True) if self.db.is_postgres else self.db.begin() as conn:
-            result = conn.execute(
-                update(t)
-                .where(t.c.lease_owner.in_(tokens))
-                .values(lease_expires_at=datetime.fromtimestamp(until, UTC))
-            )
+        expires = datetime.fromtimestamp(until, UTC)
+        if self.db.is_postgres:
+            with self.db.connect(autocommit=True) as conn:
+                result = conn.execute(_PG_RENEW, {"tokens": tokens, "until": expires})
+        else:
+            with self.db.begin() as conn:
+                result = conn.execute(
+                    update(t).where(t.c.lease_owner.in_(tokens)).values(lease_expires_at=expires)
+                )
         with self._lock:
             for token in tokens:
                 lease = self._held.get(token)
@@ -193,16 +216,22 @@ class LeaseKeeper:
             self._checked_at = now
             watched = {token: lease.task_id for token, lease in self._held.items() if lease.stop}
         t = tasks_table
-        query = select(t.c.id, t.c.status, t.c.lease_owner).where(
-            t.c.id.in_(sorted(set(watched.values()))),
-            or_(
-                t.c.status != TaskStatus.IN_PROGRESS,
-                t.c.lease_owner.is_(None),
-                t.c.lease_owner.not_in(list(watched)),
-            ),
-        )
-        with self.db.connect(autocommit=self.db.is_postgres) as conn:
-            rows = {row.id: row for row in conn.execute(query)}
+        ids = sorted(set(watched.values()))
+        if self.db.is_postgres:
+            with self.db.connect(autocommit=True) as conn:
+                found = conn.execute(_PG_CHECK, {"ids": ids, "tokens": list(watched)})
+                rows = {row.id: row for row in found}
+        else:
+            query = select(t.c.id, t.c.status, t.c.lease_owner).where(
+                t.c.id.in_(ids),
+                or_(
+                    t.c.status != TaskStatus.IN_PROGRESS,
+                    t.c.lease_owner.is_(None),
+                    t.c.lease_owner.not_in(list(watched)),
+                ),
+            )
+            with self.db.connect() as conn:
+                rows = {row.id: row for row in conn.execute(query)}
         stopped = []
         for token, task_id in watched.items():
             row = rows.get(task_id)
