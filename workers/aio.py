@@ -57,6 +57,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Coroutine
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -84,6 +85,9 @@ from workers.celery_app import pool_left_to_default
 log = get_logger("taskrail.hop")
 
 SHUTDOWN = "shutdown"
+# How long a hop waits for a sync call it hands over before it does hand it over: one
+# that ends by then is concluded in the hop (workers.aio.AsyncCalls.start).
+QUICK_CALL_S = 0.002
 # What a worker started with no pool flag hands over: (async calls, sync calls).
 PLAIN_WORKER_LIMITS = (4000, 200)
 # Threads that write outcomes (breaker verdict, compare-and-set, next hop): the
@@ -122,23 +126,35 @@ class _Run:
         stop: RunStop,
         conclude: Conclude,
         context: contextvars.Context,
+        running: Future[Any] | None = None,
     ) -> None:
         self.owner, self.spec, self.view, self.stop = owner, spec, view, stop
         self.conclude, self.context = conclude, context
+        self.running = running  # a sync call already on its handler thread
+        self.deadline = time.monotonic() + spec.time_limit_s
         self.task: asyncio.Task[Any] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.why = ""  # set once the loop gave up on the coroutine
         self.cancels = 0
         self.concluded = False
+        self._settled = threading.Lock()  # one conclusion, whoever comes first
 
     # -- on the loop ---------------------------------------------------------------
 
     def begin(self) -> None:
         loop = self.owner.loop
-        if self.stop.is_set():  # cancelled before it started
-            self.finish(CallOutcome(Kind.CANCELLED, reason=CANCELLED_REASON))
+        if self.running is not None:  # a sync call that did not end at once: its end
+            self.running.add_done_callback(  # is reported to the loop
+                lambda done: self.owner.to_loop(self.thread_ended, done)
+            )
+        if self.why or self.concluded:  # settled before it began (a drain, a quick end)
             return
-        if self.spec.is_async:
+        if self.stop.is_set():  # cancelled before it started (or while it started)
+            self.give_up(CANCELLED_REASON)
+            return
+        if self.running is not None:
+            pass  # already on its handler thread
+        elif self.spec.is_async:
             self.task = loop.create_task(_guarded(self.spec, self.view), context=self.context)
             self.task.add_done_callback(self.ended)
         else:  # a sync handler: on a handler thread, its end reported to the loop
@@ -146,7 +162,8 @@ class _Run:
                 self.context.copy().run, self.spec.handler, self.view
             )
             thread_call.add_done_callback(lambda done: self.owner.to_loop(self.thread_ended, done))
-        self.timer = loop.call_later(self.spec.time_limit_s, self.give_up, TIME_LIMIT)
+        left_s = max(0.0, self.deadline - time.monotonic())
+        self.timer = loop.call_later(left_s, self.give_up, TIME_LIMIT)
 
     def give_up(self, why: str) -> None:
         """Stop waiting for the coroutine (``why``: the time limit, a cancel, a shutdown):
@@ -205,22 +222,24 @@ class _Run:
         """A sync handler's thread ended (``done`` holds what it returned or raised)."""
         if self.timer is not None:
             self.timer.cancel()
-        err = done.exception()
         if self.why:  # given up on already (a thread cannot be cancelled): discarded
             if self.why != SHUTDOWN:
-                discarded(self.view.id, "raised" if err is not None else "returned", self.why)
+                handler = "raised" if done.exception() is not None else "returned"
+                discarded(self.view.id, handler, self.why)
             return
-        if err is not None:
-            outcome = classify(err)
-        elif _is_awaitable(value := done.result()):
-            outcome = not_awaited(self.spec, value)
-        else:
-            outcome = CallOutcome(Kind.RESULT, result=value)
-        self.finish(outcome)
+        self.finish(thread_outcome(self.spec, done))
+
+    def settle(self) -> bool:
+        """True for the first caller only: it writes the run's outcome."""
+        with self._settled:
+            if self.concluded:
+                return False
+            self.concluded = True
+            return True
 
     def finish(self, outcome: CallOutcome) -> None:
-        self.concluded = True
-        self.owner.outcomes.submit(self.write, outcome)
+        if self.settle():
+            self.owner.outcomes.submit(self.write, outcome)
 
     # -- on an outcome thread --------------------------------------------------------
 
@@ -235,6 +254,17 @@ class _Run:
 
 _RAISED = object()
 _RETURNED = object()
+
+
+def thread_outcome(spec: AgentSpec, done: Future[Any]) -> CallOutcome:
+    """What a sync handler's ended call on a handler thread came to."""
+    err = done.exception()
+    if err is not None:
+        return classify(err)
+    value = done.result()
+    if _is_awaitable(value):
+        return not_awaited(spec, value)
+    return CallOutcome(Kind.RESULT, result=value)
 
 
 def _is_awaitable(value: Any) -> bool:
@@ -308,24 +338,39 @@ class AsyncCalls:
         """Hand ``spec``'s call on ``view`` to the loop, waiting for a free slot first.
 
         Returns False (nothing started) once the executor is shutting down. ``conclude``
-        is called once with the outcome, on an outcome thread.
+        is called once with the outcome, on an outcome thread; for a sync call that ends
+        within ``QUICK_CALL_S``, here, before this returns.
         """
         slots = self._slots_for(spec)
         while not slots.acquire(timeout=0.5):
             if self.closing:
                 return False
-        run = _Run(self, spec, view, stop, conclude, contextvars.copy_context())
+        context = contextvars.copy_context()
+        run = _Run(self, spec, view, stop, conclude, context)
         with self._lock:
             if self.closing:
                 slots.release()
                 return False
-            self._runs.add(run)
+            self._runs.add(run)  # from here a drain waits for it, or gives it up
+        if not spec.is_async:
+            # A sync call that ends at once (a no-op, a cached answer) is concluded here,
+            # in the hop, as the in-hop path would: no loop, no outcome thread.
+            running = handler_thread_pool().submit(context.copy().run, spec.handler, view)
+            futures.wait([running], timeout=QUICK_CALL_S)
+            if running.done():
+                if run.settle():
+                    try:
+                        conclude(thread_outcome(spec, running), stop.is_set())
+                    finally:
+                        self.done(run)
+                return True
+            run.running = running
 
         def cancelled() -> None:
             self.to_loop(run.give_up, CANCELLED_REASON)
 
         stop.on_set = cancelled
-        self.loop.call_soon_threadsafe(run.begin)
+        self.to_loop(run.begin)
         return True
 
     def to_loop(self, callback: Callable[..., object], *args: Any) -> None:

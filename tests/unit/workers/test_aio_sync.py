@@ -54,6 +54,7 @@ def test_the_executor_takes_the_kinds_it_has_slots_for() -> None:
         only_async.drain(0.0)
 
 
+@pytest.mark.parametrize("slow", [False, True], ids=["ends-at-once", "slow"])
 @pytest.mark.parametrize(
     ("raised", "kind", "reason"),
     [
@@ -64,19 +65,31 @@ def test_the_executor_takes_the_kinds_it_has_slots_for() -> None:
         (SystemExit(3), Kind.ERROR, "SystemExit: 3"),
     ],
 )
-def test_a_sync_handler_outcome_is_concluded_once_on_an_outcome_thread(
-    threads: AsyncCalls, raised: BaseException | None, kind: Kind, reason: str
+def test_a_sync_handler_outcome_is_concluded_once(
+    threads: AsyncCalls,
+    raised: BaseException | None,
+    kind: Kind,
+    reason: str,
+    slow: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # (the hop's wait for a call that ends at once is made long: "at once" must not
+    # depend on this machine's speed)
+    monkeypatch.setattr(aio, "QUICK_CALL_S", 0.0 if slow else 20.0)
     recorder = Recorder()
     seen: list[str] = []
+    release = threading.Event()
 
     def handler(task: Any) -> dict[str, int]:
         seen.append(threading.current_thread().name)
+        if slow:
+            release.wait(20)
         if raised is not None:
             raise raised
         return {"n": task.payload["n"]}
 
     _start(threads, recorder, handler)
+    release.set()
     written = recorder.one()
     assert written.outcome.kind is kind
     if kind is Kind.RESULT:
@@ -84,7 +97,14 @@ def test_a_sync_handler_outcome_is_concluded_once_on_an_outcome_thread(
     else:
         assert written.outcome.reason == reason
     assert seen[0].startswith("taskrail-handler")
-    assert written.thread.startswith("taskrail-outcome")
+    # A call that ends at once is concluded in the hop that started it (no loop, no
+    # outcome thread); a slow one on an outcome thread, after the hop went on
+    if slow:
+        assert written.thread.startswith("taskrail-outcome")
+    else:
+        assert written.thread == threading.current_thread().name
+    assert recorder.count() == 1
+    _wait_for(lambda: threads.in_flight == 0, "the run was not let go")
 
 
 def test_a_sync_handler_returning_a_coroutine_fails_permanently(threads: AsyncCalls) -> None:
