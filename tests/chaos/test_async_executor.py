@@ -114,12 +114,12 @@ def test_async_executors_sigkilled_mid_call_repeatedly(
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
     kills = 3
-    # Given the fleet, leases of 3 s, and 600 tasks fed steadily (async calls of 0.2-0.5 s),
+    # Given the fleet, leases of 3 s, and 800 tasks fed steadily (async calls of 0.5-1 s),
     # enough waiting that a kill hits many calls. A call a kill cuts short runs again on
     # an executor's loop (a take-over of a handed-over call is not isolated: its process
     # was shared by many); only a task whose take-over is killed too runs isolated.
     executors = _deploy(chaos_fleet, QUICK_LEASES)
-    work = Workload.mixed(600, sleeps_s=(0.2, 0.5), task_type=TASK_TYPE)
+    work = Workload.mixed(800, sleeps_s=(0.5, 1.0), task_type=TASK_TYPE)
     feeder = Feeder(work, own_pg.url, batch=20, max_waiting=150)
     feeder.start()
     wait_for_progress(own_pg.url, 30)
@@ -128,7 +128,12 @@ def test_async_executors_sigkilled_mid_call_repeatedly(
     killed: set[int] = set()
     hits: list[int] = []  # calls in flight (all executors) at each kill
     for _ in range(kills):
-        time.sleep(rng.uniform(1.0, 2.5))
+        time.sleep(rng.uniform(0.5, 1.5))
+        # (a kill is meant to cut calls short: wait until some are in flight)
+        deadline = time.monotonic() + 30
+        while int(counter.get(key("inflight")) or 0) < 5:
+            assert time.monotonic() < deadline, "no calls in flight to kill"
+            time.sleep(0.05)
         ready = [w for w in executors if w.alive() and '"worker_ready"' in w.log()]
         victim = rng.choice(ready or [w for w in executors if w.alive()])
         in_flight = int(counter.get(key("inflight")) or 0)
