@@ -152,16 +152,9 @@ class _Run:
         if self.stop.is_set():  # cancelled before it started (or while it started)
             self.give_up(CANCELLED_REASON)
             return
-        if self.running is not None:
-            pass  # already on its handler thread
-        elif self.spec.is_async:
+        if self.running is None:  # a sync call is already on its handler thread (start)
             self.task = loop.create_task(_guarded(self.spec, self.view), context=self.context)
             self.task.add_done_callback(self.ended)
-        else:  # a sync handler: on a handler thread, its end reported to the loop
-            thread_call = handler_thread_pool().submit(
-                self.context.copy().run, self.spec.handler, self.view
-            )
-            thread_call.add_done_callback(lambda done: self.owner.to_loop(self.thread_ended, done))
         left_s = max(0.0, self.deadline - time.monotonic())
         self.timer = loop.call_later(left_s, self.give_up, TIME_LIMIT)
 
